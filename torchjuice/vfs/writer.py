@@ -1,0 +1,163 @@
+"""Writing a file: buffer writes as slices, upload their blocks in the background, then commit
+each slice to the metadata engine in the order the writes happened.
+
+Upload first, commit second: a crash leaves only unreferenced objects (for ``gc``), never a file
+pointing at missing data. Memory is bounded: a slice keeps at most one partial block; full blocks
+go to the upload pool, which blocks writers while too many bytes are in flight.
+"""
+from __future__ import annotations
+
+from ..chunk.store import ChunkStore
+from ..meta import CHUNK_SIZE, Attr, Meta, Slice
+
+MAX_PENDING_SLICES = 64     # more uncommitted slices than this (random writes): commit the oldest
+
+
+class SliceBuffer:
+    """One slice being written: bytes placed at ``pos`` inside chunk ``index``."""
+
+    def __init__(self, chunks: ChunkStore, sid: int, index: int, pos: int):
+        self.chunks = chunks
+        self.sid = sid
+        self.index = index
+        self.pos = pos
+        self.length = 0
+        self.frozen = False
+        self._cur = bytearray()
+        self._nblocks = 0
+        self._futures = []
+
+    @property
+    def end(self) -> int:
+        return self.pos + self.length
+
+    def room(self) -> int:
+        return CHUNK_SIZE - self.end
+
+    def append(self, data: memoryview) -> None:
+        bs = self.chunks.block_size
+        while data:
+            k = min(len(data), bs - len(self._cur))
+            if k == bs and not self._cur and isinstance(data.obj, bytes):
+                # a whole block of an immutable buffer: upload it without copying
+                self._futures.append(self.chunks.put_block(self.sid, self._nblocks, data[:k]))
+                self._nblocks += 1
+            else:
+                self._cur += data[:k]
+                if len(self._cur) == bs:
+                    self._ship()
+            self.length += k
+            data = data[k:]
+
+    def _ship(self) -> None:
+        block, self._cur = self._cur, bytearray()
+        self._futures.append(self.chunks.put_block(self.sid, self._nblocks, block))
+        self._nblocks += 1
+
+    def freeze(self) -> None:
+        if not self.frozen:
+            self.frozen = True
+            if self._cur:
+                self._ship()
+
+    def uploaded(self) -> bool:
+        return self.frozen and all(f.done() for f in self._futures)
+
+    def wait(self) -> None:
+        for f in self._futures:
+            f.result()
+
+    def as_slice(self) -> Slice:
+        return Slice(self.pos, self.sid, self.length, 0, self.length)
+
+
+class FileWriter:
+    """The write side of one open file."""
+
+    def __init__(self, meta: Meta, chunks: ChunkStore, inode: int):
+        self.meta = meta
+        self.chunks = chunks
+        self.inode = inode
+        self._open: dict[int, SliceBuffer] = {}     # chunk index -> slice still accepting writes
+        self._queue: list[SliceBuffer] = []         # uncommitted slices, oldest first
+        self.pending_end = 0                        # end of the furthest uncommitted write
+        self._error: BaseException | None = None
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self._queue)
+
+    def write(self, off: int, data: memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        self.pending_end = max(self.pending_end, off + len(data))
+        while data:
+            index, coff = divmod(off, CHUNK_SIZE)
+            k = min(len(data), CHUNK_SIZE - coff)
+            self._slice_at(index, coff).append(data[:k])
+            s = self._open[index]
+            if s.room() == 0:
+                s.freeze()
+                del self._open[index]
+            off += k
+            data = data[k:]
+        self._commit(wait=len(self._queue) > MAX_PENDING_SLICES)
+
+    def _slice_at(self, index: int, coff: int) -> SliceBuffer:
+        s = self._open.get(index)
+        if s is not None and s.end == coff:
+            return s
+        if s is not None:
+            s.freeze()
+        s = SliceBuffer(self.chunks, self.meta.new_slice_id(), index, coff)
+        self._open[index] = s
+        self._queue.append(s)
+        return s
+
+    def _commit(self, wait: bool) -> set[int]:
+        """Commit uploaded slices in order; with ``wait``, the oldest at least (back-pressure)."""
+        committed = set()
+        try:
+            while self._queue:
+                s = self._queue[0]
+                if wait:
+                    s.freeze()
+                    s.wait()
+                elif not s.uploaded():
+                    break
+                else:
+                    s.wait()     # raises the upload's error, if any
+                self.meta.write_chunk(self.inode, s.index, s.as_slice())
+                self._queue.pop(0)
+                if self._open.get(s.index) is s:
+                    del self._open[s.index]
+                committed.add(s.index)
+                wait = False
+        except BaseException as e:
+            self._error = e
+            raise
+        return committed
+
+    def flush(self) -> set[int]:
+        """Upload and commit everything written so far; returns the chunk indexes changed."""
+        if self._error is not None:
+            raise self._error
+        for s in self._queue:
+            s.freeze()
+        committed = set()
+        while self._queue:
+            committed |= self._commit(wait=True)
+        self._open.clear()
+        return committed
+
+    def discard(self) -> None:
+        """Drop what was not committed (after a failure, or a truncate that supersedes it)."""
+        for s in self._queue:
+            s.freeze()
+        for s in self._queue:
+            try:
+                s.wait()
+            except BaseException:
+                pass
+        self._queue.clear()
+        self._open.clear()

@@ -1,0 +1,571 @@
+"""``format`` and ``connect``: the :class:`Volume` object users hold, and ``juice://`` URLs.
+
+A volume is a metadata engine (which holds the settings, see :class:`~torchjuice.meta.Format`)
+plus an object store. ``format`` writes the settings and registers the name in
+``$TORCHJUICE_HOME/volumes.json`` (default ``~/.torchjuice``) so that ``connect("NAME")`` and
+``juice://NAME/...`` URLs find it.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import posixpath
+import re
+
+import threading
+import uuid as _uuid
+import weakref
+from typing import Iterator
+
+from .chunk.store import ChunkStore
+from .errors import (AlreadyFormattedError, ClosedVolumeError, InvalidURLError, NotFormattedError,
+                     PathEscapeError, VolumeMismatchError, oserror)
+from .meta import (CHUNK_SIZE, ROOT_INODE, TYPE_DIR, TYPE_FILE, Attr, Format, Meta, new_meta)
+from .object import create_store
+from .vfs.handle import JuiceRawFile, open_flags
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+BUFFER_SIZE = 1 << 20       # the io.Buffered* buffer: small reads and writes are batched this far
+
+
+# -- where volumes live ----------------------------------------------------------------------------
+def home() -> str:
+    return os.path.abspath(os.path.expanduser(os.environ.get("TORCHJUICE_HOME", "~/.torchjuice")))
+
+
+def _registry_path() -> str:
+    return os.path.join(home(), "volumes.json")
+
+
+def _read_registry() -> dict:
+    try:
+        with open(_registry_path()) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise NotFormattedError(f"volume registry {_registry_path()} is corrupt: {e}") from None
+
+
+def _register(name: str, meta_url: str) -> None:
+    reg = _read_registry()
+    reg[name] = meta_url
+    os.makedirs(home(), exist_ok=True)
+    tmp = f"{_registry_path()}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(reg, f, indent=1, sort_keys=True)
+    os.replace(tmp, _registry_path())
+
+
+def find_meta_url(name_or_url: str, meta: str | None = None) -> str:
+    """The engine URL for a volume name: ``meta`` if given, else ``$TORCHJUICE_META``, else the
+    registry kept by ``format``. A string with ``://`` is already an engine URL."""
+    if meta:
+        return meta
+    if "://" in name_or_url:
+        return name_or_url
+    env = os.environ.get("TORCHJUICE_META")
+    if env:
+        return env
+    url = _read_registry().get(name_or_url)
+    if url is None:
+        raise NotFormattedError(
+            f"no volume named {name_or_url!r}: format it with `torchjuice format {name_or_url}`, "
+            "or pass meta=/set TORCHJUICE_META to its metadata URL")
+    return url
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise InvalidURLError(f"invalid volume name {name!r}: use 1-63 letters, digits, '.', '_' "
+                              "or '-', starting with a letter or digit")
+    return name
+
+
+# -- format ------------------------------------------------------------------------------------------
+def format(meta_url: str | None, name: str, storage: str | None = None, block_size: int = 4 << 20,
+           compression: str | None = None, trash_days: int = 1, force: bool = False) -> Format:
+    """Create a volume: store its settings in the metadata engine and register its name.
+
+    With no ``meta_url`` the volume is embedded under ``$TORCHJUICE_HOME/NAME`` (SQLite + a local
+    directory). Formatting an engine that already holds a volume needs ``force=True``, which
+    updates the settings and keeps every file (the name and uuid cannot change)."""
+    check_name(name)
+    if not meta_url:
+        meta_url = f"sqlite3://{os.path.join(home(), name, 'meta.db')}"
+        os.makedirs(os.path.join(home(), name), exist_ok=True)
+    if not storage:
+        storage = f"file://{os.path.join(home(), name, 'data')}"
+    if block_size < 64 << 10 or block_size > 64 << 20 or block_size & (block_size - 1):
+        raise InvalidURLError(f"block size {block_size} must be a power of two in [64K, 64M]")
+    from .chunk.compress import new_compressor
+    new_compressor(compression)          # validates the name
+    meta = new_meta(meta_url)
+    try:
+        try:
+            old = meta.load()
+        except NotFormattedError:
+            old = None
+        if old is not None:
+            if not force:
+                raise AlreadyFormattedError(
+                    f"{meta_url} already holds volume {old.name!r}; use --force/force=True to "
+                    "update its settings")
+            if old.name != name:
+                raise AlreadyFormattedError(
+                    f"{meta_url} holds volume {old.name!r}, cannot rename it to {name!r}")
+        store = create_store(storage)
+        try:
+            store.create()
+            probe = f"{name}/.torchjuice-probe-{_uuid.uuid4().hex}"
+            store.put(probe, b"ok")
+            if store.get(probe) != b"ok":
+                raise OSError(errno.EIO, f"storage {storage} returned other bytes than written")
+            store.delete(probe)
+        finally:
+            store.close()
+        fmt = Format(name=name, uuid=old.uuid if old else str(_uuid.uuid4()), storage=storage,
+                     block_size=block_size, compression=(compression or "none").lower(),
+                     trash_days=trash_days)
+        meta.init(fmt, force=force)
+    finally:
+        meta.close()
+    _register(name, meta_url)
+    return fmt
+
+
+def connect(meta_url_or_name: str, cache_dir: str | None = None, cache_size: int | None = None,
+            **options) -> "Volume":
+    """Open a formatted volume by engine URL or registered name."""
+    url = find_meta_url(meta_url_or_name, options.pop("meta", None))
+    meta = new_meta(url)
+    try:
+        fmt = meta.load()
+        if "://" not in meta_url_or_name and fmt.name != meta_url_or_name:
+            raise VolumeMismatchError(
+                f"volume {meta_url_or_name!r} resolves to {url}, which holds volume {fmt.name!r}")
+        store = create_store(fmt.storage)
+    except BaseException:
+        meta.close()
+        raise
+    return Volume(meta, fmt, store, **options)
+
+
+# -- the volume ----------------------------------------------------------------------------------
+def _stat_result(a: Attr) -> os.stat_result:
+    return os.stat_result((a.st_mode, a.inode, 0, a.nlink, a.uid, a.gid, a.length,
+                           int(a.atime), int(a.mtime), int(a.ctime),
+                           a.atime, a.mtime, a.ctime))
+
+
+class Volume:
+    """A connected volume: paths are absolute inside it (``/a/b``); relative paths start at the
+    root; ``..`` may not climb above it."""
+
+    def __init__(self, meta: Meta, fmt: Format, store, *, upload_threads: int = 16,
+                 download_threads: int = 16, max_inflight: int = 256 << 20, session: bool = True):
+        self.meta = meta
+        self.format = fmt
+        self.name = fmt.name
+        self.store = store
+        self.chunks = ChunkStore(store, fmt.name, fmt.block_size, fmt.compression,
+                                 upload_threads=upload_threads, download_threads=download_threads,
+                                 max_inflight=max_inflight)
+        meta.on_delete_slices = self.chunks.delete_slices
+        self._files: "weakref.WeakSet[JuiceRawFile]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self.closed = False
+        if session:
+            meta.new_session({"pid": os.getpid(), "host": os.uname().nodename})
+
+    def __repr__(self) -> str:
+        return f"<Volume {self.name!r} meta={self.meta.url!r} storage={self.format.storage!r}>"
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush and close every open file, end the session, release connections."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            for f in list(self._files):
+                try:
+                    f.close()
+                except Exception:
+                    pass
+            self.chunks.close()
+        finally:
+            try:
+                self.meta.close()
+            finally:
+                self.store.close()
+
+    def _check(self) -> None:
+        if self.closed:
+            raise ClosedVolumeError(f"volume {self.name!r} is closed")
+
+    # -- paths -------------------------------------------------------------------------------------
+    def norm(self, path: str) -> str:
+        """``/a/b`` for any spelling of a path inside the volume; ``..`` above the root is an error."""
+        self._check()
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
+        if not isinstance(path, str):
+            raise TypeError(f"path must be str, not {type(path).__name__}")
+        if "\0" in path:
+            raise oserror(errno.EINVAL, path, "NUL in path")
+        parts: list[str] = []
+        for p in path.split("/"):
+            if p in ("", "."):
+                continue
+            if p == "..":
+                if not parts:
+                    raise PathEscapeError(f"path {path!r} climbs above the root of volume "
+                                          f"{self.name!r}", filename=path)
+                parts.pop()
+            else:
+                parts.append(p)
+        return "/" + "/".join(parts)
+
+    def _split(self, path: str) -> tuple[Attr, str, str]:
+        """(parent attr, last name, normalised path); the root itself has no parent."""
+        p = self.norm(path)
+        if p == "/":
+            raise oserror(errno.EPERM, p, "operation not permitted on the root")
+        head, name = posixpath.split(p)
+        return self._resolve(head, path), name, p
+
+    def _resolve(self, p: str, shown: str | None = None, follow: bool = True) -> Attr:
+        try:
+            return self.meta.resolve(p, follow=follow)
+        except OSError as e:
+            if e.filename is None:
+                raise oserror(e.errno, shown or p) from None
+            raise type(e)(e.errno, e.strerror, shown or p) from None
+
+    def _attr(self, path: str, follow: bool = True) -> Attr:
+        return self._resolve(self.norm(path), path, follow)
+
+    # -- files ---------------------------------------------------------------------------------------
+    def open(self, path: str, mode: str = "rb", buffering: int = -1, encoding: str | None = None,
+             errors: str | None = None, newline: str | None = None):
+        """Open a file like the built-in ``open``: binary modes give buffered binary files, text
+        modes an ``io.TextIOWrapper``. ``buffering=0`` gives the raw file (binary only)."""
+        bmode, read, write, append, create, trunc, excl = open_flags(mode)
+        text = "b" not in mode
+        if buffering == 0 and text:
+            raise ValueError("can't have unbuffered text I/O")
+        parent, name, p = self._split(path)
+        attr = None
+        try:
+            attr = self.meta.lookup(parent.inode, name)
+            if attr.is_symlink:
+                attr = self._resolve(p, path)
+        except FileNotFoundError:
+            if not create:
+                raise oserror(errno.ENOENT, path) from None
+        if attr is not None and excl:
+            raise oserror(errno.EEXIST, path)
+        if attr is None:
+            try:
+                attr = self.meta.create(parent.inode, name)
+            except FileExistsError:
+                if excl:
+                    raise oserror(errno.EEXIST, path) from None
+                attr = self._resolve(p, path)
+        if attr.is_dir:
+            raise oserror(errno.EISDIR, path)
+        if trunc and attr.length:
+            attr = self.meta.truncate(attr.inode, 0)
+        raw = JuiceRawFile(self.meta, self.chunks, attr.inode, p, bmode, attr.length,
+                           read, write, append)
+        self._files.add(raw)
+        if buffering == 0:
+            return raw
+        size = buffering if buffering > 1 else BUFFER_SIZE
+        if read and write:
+            f = io.BufferedRandom(raw, size)
+        elif write:
+            f = io.BufferedWriter(raw, size)
+        else:
+            f = io.BufferedReader(raw, size)
+        if text:
+            f = io.TextIOWrapper(f, encoding or "utf-8", errors, newline,
+                                 line_buffering=buffering == 1)
+            f.mode = mode
+        return f
+
+    def read_bytes(self, path: str) -> bytes:
+        with self.open(path, "rb", buffering=0) as f:
+            return f.readall()
+
+    def write_bytes(self, path: str, data) -> int:
+        with self.open(path, "wb", buffering=0) as f:
+            return f.write(data)
+
+    # -- names ---------------------------------------------------------------------------------------
+    def stat(self, path: str, follow_symlinks: bool = True) -> os.stat_result:
+        return _stat_result(self._attr(path, follow_symlinks))
+
+    def lstat(self, path: str) -> os.stat_result:
+        return self.stat(path, follow_symlinks=False)
+
+    def getattr(self, path: str, follow_symlinks: bool = True) -> Attr:
+        """The engine's attributes (inode, type, length, nlink...)."""
+        return self._attr(path, follow_symlinks)
+
+    def exists(self, path: str) -> bool:
+        try:
+            self._attr(path)
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def isdir(self, path: str) -> bool:
+        try:
+            return self._attr(path).is_dir
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def isfile(self, path: str) -> bool:
+        try:
+            return self._attr(path).is_file
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def scandir(self, path: str = "/") -> list[tuple[str, Attr]]:
+        """``(name, Attr)`` of every entry, sorted by name, in one metadata call."""
+        a = self._attr(path)
+        if not a.is_dir:
+            raise oserror(errno.ENOTDIR, path)
+        return self.meta.readdir(a.inode)
+
+    def listdir(self, path: str = "/") -> list[str]:
+        return [name for name, _ in self.scandir(path)]
+
+    def walk(self, top: str = "/") -> Iterator[tuple[str, list[str], list[str]]]:
+        """Like ``os.walk`` (top-down); symlinks to directories are not followed."""
+        top = self.norm(top)
+        try:
+            entries = self.scandir(top)
+        except OSError:
+            return
+        dirs = [n for n, a in entries if a.is_dir]
+        files = [n for n, a in entries if not a.is_dir]
+        yield top, dirs, files
+        for d in dirs:
+            yield from self.walk(posixpath.join(top, d))
+
+    def mkdir(self, path: str, mode: int = 0o755) -> None:
+        parent, name, _ = self._split(path)
+        try:
+            self.meta.mkdir(parent.inode, name, mode)
+        except OSError as e:
+            raise oserror(e.errno, path) from None
+
+    def makedirs(self, path: str, mode: int = 0o755, exist_ok: bool = False) -> None:
+        p = self.norm(path)
+        if p == "/":
+            if not exist_ok:
+                raise oserror(errno.EEXIST, path)
+            return
+        cur = self.meta.getattr(ROOT_INODE)
+        parts = p.strip("/").split("/")
+        for i, name in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                cur = self.meta.lookup(cur.inode, name)
+                if cur.is_symlink:
+                    cur = self._resolve("/" + "/".join(parts[: i + 1]))
+                if not cur.is_dir:
+                    raise oserror(errno.EEXIST if last else errno.ENOTDIR, path)
+                if last and not exist_ok:
+                    raise oserror(errno.EEXIST, path)
+            except FileNotFoundError:
+                try:
+                    cur = self.meta.mkdir(cur.inode, name, mode)
+                except FileExistsError:        # made by someone else meanwhile
+                    cur = self.meta.lookup(cur.inode, name)
+                    if not cur.is_dir:
+                        raise oserror(errno.EEXIST, path) from None
+
+    def remove(self, path: str) -> None:
+        parent, name, _ = self._split(path)
+        try:
+            self.meta.unlink(parent.inode, name)
+        except OSError as e:
+            raise oserror(e.errno, path) from None
+
+    unlink = remove
+
+    def rmdir(self, path: str) -> None:
+        parent, name, _ = self._split(path)
+        try:
+            self.meta.rmdir(parent.inode, name)
+        except OSError as e:
+            raise oserror(e.errno, path) from None
+
+    def rmtree(self, path: str) -> None:
+        """Remove a directory and everything under it (or a single file)."""
+        a = self._attr(path, follow=False)
+        if not a.is_dir:
+            return self.remove(path)
+        p = self.norm(path)
+        for name, child in self.meta.readdir(a.inode):
+            sub = posixpath.join(p, name)
+            if child.is_dir:
+                self.rmtree(sub)
+            else:
+                self.remove(sub)
+        self.rmdir(p)
+
+    def rename(self, src: str, dst: str, flags: int = 0) -> None:
+        """Atomic rename, replacing ``dst`` when it is a file or an empty directory (as
+        ``os.replace``). ``flags``: ``meta.RENAME_NOREPLACE`` / ``RENAME_EXCHANGE``."""
+        sp, sn, _ = self._split(src)
+        dp, dn, _ = self._split(dst)
+        try:
+            self.meta.rename(sp.inode, sn, dp.inode, dn, flags)
+        except OSError as e:
+            raise oserror(e.errno, src) from None
+
+    replace = rename
+
+    def symlink(self, target: str, path: str) -> None:
+        parent, name, _ = self._split(path)
+        try:
+            self.meta.symlink(parent.inode, name, target)
+        except OSError as e:
+            raise oserror(e.errno, path) from None
+
+    def readlink(self, path: str) -> str:
+        a = self._attr(path, follow=False)
+        if not a.is_symlink:
+            raise oserror(errno.EINVAL, path, "not a symbolic link")
+        return self.meta.readlink(a.inode)
+
+    def link(self, src: str, dst: str) -> None:
+        a = self._attr(src, follow=False)
+        parent, name, _ = self._split(dst)
+        try:
+            self.meta.link(a.inode, parent.inode, name)
+        except OSError as e:
+            raise oserror(e.errno, dst) from None
+
+    def truncate(self, path: str, length: int) -> None:
+        if length < 0:
+            raise oserror(errno.EINVAL, path, "negative length")
+        a = self._attr(path)
+        if a.is_dir:
+            raise oserror(errno.EISDIR, path)
+        self.meta.truncate(a.inode, length)
+
+    def chmod(self, path: str, mode: int) -> None:
+        self.meta.setattr(self._attr(path).inode, mode=mode & 0o7777)
+
+    def utime(self, path: str, times: tuple[float, float] | None = None) -> None:
+        import time
+        atime, mtime = times if times is not None else (time.time(),) * 2
+        self.meta.setattr(self._attr(path).inode, atime=atime, mtime=mtime)
+
+    def setxattr(self, path: str, key: str, value: bytes, flags: int = 0) -> None:
+        self.meta.setxattr(self._attr(path).inode, key, bytes(value), flags)
+
+    def getxattr(self, path: str, key: str) -> bytes:
+        return self.meta.getxattr(self._attr(path).inode, key)
+
+    def listxattr(self, path: str) -> list[str]:
+        return self.meta.listxattr(self._attr(path).inode)
+
+    def removexattr(self, path: str, key: str) -> None:
+        self.meta.removexattr(self._attr(path).inode, key)
+
+    # -- volume-wide ---------------------------------------------------------------------------------
+    def statfs(self) -> dict:
+        used, inodes = self.meta.statfs()
+        return {"used_bytes": used, "used_inodes": inodes}
+
+    def metrics(self) -> dict:
+        """Object-store counters of this client."""
+        return self.chunks.metrics.as_dict()
+
+    def info(self, path: str) -> dict:
+        """Inode, size, and the chunks, slices and objects behind a file (``torchjuice info``)."""
+        a = self._attr(path, follow=False)
+        out = {"path": self.norm(path), "inode": a.inode, "type": _type_name(a), "size": a.length,
+               "mode": oct(a.mode), "nlink": a.nlink, "mtime": a.mtime}
+        if a.is_file:
+            chunks = []
+            for index in range((a.length + CHUNK_SIZE - 1) // CHUNK_SIZE):
+                slices = self.meta.read_chunk(a.inode, index)
+                chunks.append({"index": index, "slices": [
+                    {"pos": s.pos, "id": s.id, "size": s.size, "off": s.off, "len": s.len,
+                     "objects": [k for k, _ in self.chunks.blocks(s.id, s.size)] if s.id else []}
+                    for s in slices]})
+            out["chunks"] = chunks
+        elif a.is_dir:
+            out["entries"] = len(self.meta.readdir(a.inode))
+        else:
+            out["target"] = self.meta.readlink(a.inode)
+        return out
+
+
+def _type_name(a: Attr) -> str:
+    return {TYPE_FILE: "file", TYPE_DIR: "directory"}.get(a.typ, "symlink")
+
+
+# -- juice:// URLs ---------------------------------------------------------------------------------
+_volumes: dict[str, Volume] = {}
+_volumes_lock = threading.Lock()
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """``juice://VOL/a/b`` -> ``("VOL", "/a/b")``."""
+    if not isinstance(url, str) or not url.startswith("juice://"):
+        raise InvalidURLError(f"not a juice:// URL: {url!r} (expected juice://VOLUME/path)")
+    rest = url[len("juice://"):]
+    vol, _, path = rest.partition("/")
+    if not vol:
+        raise InvalidURLError(f"juice:// URL without a volume name: {url!r}")
+    return check_name(vol), "/" + path
+
+
+def volume_for(name: str, meta: str | None = None) -> Volume:
+    """A shared, process-wide :class:`Volume` for a ``juice://`` volume name (connected once;
+    reconnected in a forked child)."""
+    url = find_meta_url(name, meta)
+    key = f"{os.getpid()}|{name}|{url}"
+    with _volumes_lock:
+        vol = _volumes.get(key)
+        if vol is not None and not vol.closed:
+            return vol
+    vol = connect(url)
+    if vol.name != name:
+        found = vol.name
+        vol.close()
+        raise VolumeMismatchError(
+            f"URL names volume {name!r} but {url} holds volume {found!r}")
+    with _volumes_lock:
+        old = _volumes.get(key)
+        if old is not None and not old.closed:
+            vol.close()
+            return old
+        _volumes[key] = vol
+    return vol
+
+
+def open_url(url: str, mode: str = "rb", meta: str | None = None, **kwargs):
+    """``open`` for a ``juice://VOL/path`` URL."""
+    name, path = split_url(url)
+    return volume_for(name, meta).open(path, mode, **kwargs)
+
+
+__all__ = ["Volume", "format", "connect", "split_url", "volume_for", "open_url", "find_meta_url",
+           "home", "check_name"]

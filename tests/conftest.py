@@ -6,29 +6,38 @@ import os
 
 import pytest
 
-from servers import PostgresServer, RedisServer, S3Server
+from servers import PostgresServer, RedisServer, S3Server, ServerUnavailable
 
 META_ENGINES = ["sqlite", "redis", "postgres"]
 STORES = ["file", "s3", "mem"]
 
 
+def _start(cls):
+    try:
+        return cls()
+    except ServerUnavailable as e:
+        if os.environ.get("TORCHJUICE_REQUIRE_SERVERS") == "1":
+            pytest.fail(f"{e} (TORCHJUICE_REQUIRE_SERVERS=1)")
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="session")
 def redis_server():
-    srv = RedisServer()
+    srv = _start(RedisServer)
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    srv = PostgresServer()
+    srv = _start(PostgresServer)
     yield srv
     srv.stop()
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    srv = S3Server()
+    srv = _start(S3Server)
     yield srv
     srv.stop()
 

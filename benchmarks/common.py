@@ -1,0 +1,68 @@
+"""Shared helpers of the benchmark scripts: servers, timing, machine description, result files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    return (f"{platform.node()}: {os.cpu_count()} cores ({cpu or platform.machine()}), "
+            f"{mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}")
+
+
+def command() -> str:
+    return "python -m " + (sys.argv[0].replace("/", ".").removesuffix(".py")
+                           if sys.argv[0].endswith(".py") else sys.argv[0]) + " " + " ".join(sys.argv[1:])
+
+
+@contextmanager
+def timer(out: dict, key: str):
+    t = time.perf_counter()
+    yield
+    out[key] = time.perf_counter() - t
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def write_results(name: str, rows: list[dict], table: str, notes: str = "") -> str:
+    """Write ``results/NAME.json`` and ``results/NAME.md`` (machine, command, commit, table)."""
+    os.makedirs(RESULTS, exist_ok=True)
+    meta = {"machine": machine(), "command": command(), "commit": git_rev(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+        json.dump({**meta, "rows": rows}, f, indent=1)
+    md = (f"# {name}\n\n- machine: {meta['machine']}\n- command: `{meta['command']}`\n"
+          f"- commit: {meta['commit']}\n- date: {meta['date']}\n\n{notes}\n\n```\n{table}\n```\n")
+    path = os.path.join(RESULTS, f"{name}.md")
+    with open(path, "w") as f:
+        f.write(md)
+    return path
+
+
+def fmt_table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

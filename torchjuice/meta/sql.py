@@ -1,0 +1,344 @@
+"""SQL engine: SQLite (``sqlite3:///abs/path.db``) and PostgreSQL (``postgres://user@host:port/db``)
+through the same statements over four tables that hold the key/value model of :mod:`.base`::
+
+    kv(k, v)             strings                 hkv(k, f, v)   hashes, primary key (k, f)
+    lkv(id, k, v)        lists (ordered by id)   counters(k, n)
+
+SQLite: WAL journal, ``synchronous=NORMAL``, a busy timeout, ``BEGIN IMMEDIATE`` for write
+transactions (deferred ones for reads), one connection per thread and per process (connections of
+the parent are abandoned, never closed, in a forked child). PostgreSQL (psycopg 3): every write
+transaction first takes one transaction-level advisory lock, so writers serialize and each sees
+everything committed before it (no lost updates under READ COMMITTED); reads run in REPEATABLE READ
+READ ONLY snapshots. Serialization failures and deadlocks are retried.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+
+from .base import BaseMeta, KVTx, backoff, redact
+
+_DDL_SQLITE = [
+    "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS hkv (k TEXT NOT NULL, f BLOB NOT NULL, v BLOB NOT NULL, "
+    "PRIMARY KEY (k, f)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS lkv (id INTEGER PRIMARY KEY, k TEXT NOT NULL, v BLOB NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS lkv_k ON lkv (k, id)",
+    "CREATE TABLE IF NOT EXISTS counters (k TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID",
+]
+_DDL_PG = [
+    "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BYTEA NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS hkv (k TEXT NOT NULL, f BYTEA NOT NULL, v BYTEA NOT NULL, "
+    "PRIMARY KEY (k, f))",
+    "CREATE TABLE IF NOT EXISTS lkv (id BIGSERIAL PRIMARY KEY, k TEXT NOT NULL, v BYTEA NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS lkv_k ON lkv (k, id)",
+    "CREATE TABLE IF NOT EXISTS counters (k TEXT PRIMARY KEY, n BIGINT NOT NULL)",
+]
+
+# the statements, written once with '?' placeholders (converted to '%s' for psycopg)
+_Q = {
+    "get": "SELECT v FROM kv WHERE k = ?",
+    "set": "INSERT INTO kv (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+    "del_str": "DELETE FROM kv WHERE k = ?",
+    "del_hash": "DELETE FROM hkv WHERE k = ?",
+    "del_list": "DELETE FROM lkv WHERE k = ?",
+    "del_counter": "DELETE FROM counters WHERE k = ?",
+    "incrby": "INSERT INTO counters (k, n) VALUES (?, ?) ON CONFLICT (k) "
+              "DO UPDATE SET n = counters.n + excluded.n RETURNING n",
+    "counter": "SELECT n FROM counters WHERE k = ?",
+    "hget": "SELECT v FROM hkv WHERE k = ? AND f = ?",
+    "hgetall": "SELECT f, v FROM hkv WHERE k = ?",
+    "hset": "INSERT INTO hkv (k, f, v) VALUES (?, ?, ?) ON CONFLICT (k, f) "
+            "DO UPDATE SET v = excluded.v",
+    "hdel": "DELETE FROM hkv WHERE k = ? AND f = ?",
+    "hlen": "SELECT COUNT(*) FROM hkv WHERE k = ?",
+    "rpush": "INSERT INTO lkv (k, v) VALUES (?, ?)",
+    "lrange": "SELECT v FROM lkv WHERE k = ? ORDER BY id",
+    "scan": "SELECT k FROM kv WHERE substr(k, 1, ?) = ? UNION "
+            "SELECT k FROM hkv WHERE substr(k, 1, ?) = ? UNION "
+            "SELECT k FROM lkv WHERE substr(k, 1, ?) = ? UNION "
+            "SELECT k FROM counters WHERE substr(k, 1, ?) = ? ORDER BY 1",
+}
+_Q_PG = {name: q.replace("?", "%s") for name, q in _Q.items()}
+_PG_LOCK = 0x746A7569           # "tjui": the one advisory lock all writers take
+_IN_BATCH = 500                  # SQLite's bound-variable limit is far above this
+
+
+class _SQLTx(KVTx):
+    __slots__ = ("_x", "_q", "_pg", "_ro")
+
+    def __init__(self, conn, pg: bool, readonly: bool):
+        self._x = conn.execute
+        self._q = _Q_PG if pg else _Q
+        self._pg = pg
+        self._ro = readonly
+
+    def _w(self):
+        if self._ro:
+            raise RuntimeError("write in a read-only transaction")
+
+    # strings
+    def get(self, k):
+        r = self._x(self._q["get"], (k,)).fetchone()
+        return None if r is None else r[0]
+
+    def gets(self, keys):
+        if not keys:
+            return []
+        found = {}
+        if self._pg:
+            found.update(self._x("SELECT k, v FROM kv WHERE k = ANY(%s)", (list(keys),)))
+        else:
+            for i in range(0, len(keys), _IN_BATCH):
+                part = keys[i:i + _IN_BATCH]
+                marks = ",".join("?" * len(part))
+                found.update(self._x(f"SELECT k, v FROM kv WHERE k IN ({marks})", part))
+        return [found.get(k) for k in keys]
+
+    def set(self, k, v):
+        self._w()
+        self._x(self._q["set"], (k, v))
+
+    def delete(self, k, kind=None):
+        self._w()
+        if kind in (None, "str"):
+            self._x(self._q["del_str"], (k,))
+        if kind in (None, "hash"):
+            self._x(self._q["del_hash"], (k,))
+        if kind in (None, "list"):
+            self._x(self._q["del_list"], (k,))
+        if kind in (None, "counter"):
+            self._x(self._q["del_counter"], (k,))
+
+    # counters
+    def incrby(self, k, n):
+        self._w()
+        return self._x(self._q["incrby"], (k, n)).fetchone()[0]
+
+    def counter(self, k):
+        r = self._x(self._q["counter"], (k,)).fetchone()
+        return 0 if r is None else int(r[0])
+
+    # hashes
+    def hget(self, k, f):
+        r = self._x(self._q["hget"], (k, f)).fetchone()
+        return None if r is None else r[0]
+
+    def hgetall(self, k):
+        return dict(self._x(self._q["hgetall"], (k,)))
+
+    def hmget(self, k, fields):
+        if not fields:
+            return []
+        found = {}
+        if self._pg:
+            found.update(self._x("SELECT f, v FROM hkv WHERE k = %s AND f = ANY(%s)",
+                                 (k, list(fields))))
+        else:
+            for i in range(0, len(fields), _IN_BATCH):
+                part = list(fields[i:i + _IN_BATCH])
+                marks = ",".join("?" * len(part))
+                found.update(self._x(f"SELECT f, v FROM hkv WHERE k = ? AND f IN ({marks})",
+                                     [k] + part))
+        return [found.get(f) for f in fields]
+
+    def hset(self, k, f, v):
+        self._w()
+        self._x(self._q["hset"], (k, f, v))
+
+    def hdel(self, k, f):
+        self._w()
+        self._x(self._q["hdel"], (k, f))
+
+    def hlen(self, k):
+        return int(self._x(self._q["hlen"], (k,)).fetchone()[0])
+
+    # lists
+    def rpush(self, k, v):
+        self._w()
+        self._x(self._q["rpush"], (k, v))
+
+    def lrange(self, k):
+        return [r[0] for r in self._x(self._q["lrange"], (k,))]
+
+    def scan_keys(self, prefix):
+        n = len(prefix)
+        return [r[0] for r in self._x(self._q["scan"], (n, prefix) * 4)]
+
+
+class SQLMeta(BaseMeta):
+    """Metadata in SQLite or PostgreSQL (see the module docstring)."""
+
+    busy_timeout_ms = 10_000
+    max_retries = 200
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        scheme, _, rest = url.partition("://")
+        scheme = scheme.lower()
+        if scheme in ("sqlite3", "sqlite"):
+            self._pg = False
+            path = rest.split("?", 1)[0]
+            if not path:
+                from ..errors import InvalidURLError
+                raise InvalidURLError(f"no database path in {url!r}: use sqlite3:///abs/path.db")
+            self.path = os.path.abspath(path)
+        elif scheme in ("postgres", "postgresql"):
+            self._pg = True
+            self.path = None
+        else:
+            from ..errors import InvalidURLError
+            raise InvalidURLError(f"not a SQL URL: {redact(url)!r}")
+        self._creating = False
+        self._schema_ready = False
+        self._local = threading.local()
+        self._conns: list = []
+        self._conns_lock = threading.Lock()
+        self._abandoned: list = []          # a forked child's copies of the parent's connections
+
+    # -- connections -------------------------------------------------------------------------------
+    def _conn(self):
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            c = self._connect_pg() if self._pg else self._connect_sqlite()
+            self._local.conn = c
+            with self._conns_lock:
+                self._conns.append(c)
+        return c
+
+    def _connect_sqlite(self):
+        if not self._creating and not os.path.exists(self.path):
+            raise self._not_formatted()
+        if self._creating:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        c = sqlite3.connect(self.path, timeout=self.busy_timeout_ms / 1000, isolation_level=None,
+                            check_same_thread=False, cached_statements=256)
+        c.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+        if c.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            c.execute("PRAGMA journal_mode = WAL")
+        c.execute("PRAGMA synchronous = NORMAL")
+        if not self._schema_ready:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                for ddl in _DDL_SQLITE:
+                    c.execute(ddl)
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            self._schema_ready = True
+        return c
+
+    def _connect_pg(self):
+        import psycopg
+        try:
+            c = psycopg.connect(self.url, autocommit=True, connect_timeout=3)
+        except psycopg.OperationalError as e:
+            raise ConnectionError(f"cannot connect to PostgreSQL at {redact(self.url)}: "
+                                  f"{str(e).strip()}") from None
+        if not self._schema_ready:
+            try:
+                c.execute(f"BEGIN; SELECT pg_advisory_xact_lock({_PG_LOCK})")
+                for ddl in _DDL_PG:
+                    c.execute(ddl)
+                c.execute("COMMIT")
+            except BaseException:
+                c.close()
+                raise
+            self._schema_ready = True
+        return c
+
+    def _drop_conn(self, c) -> None:
+        if getattr(self._local, "conn", None) is c:
+            self._local.conn = None
+        with self._conns_lock:
+            if c in self._conns:
+                self._conns.remove(c)
+        try:
+            c.close()
+        except Exception:
+            pass
+
+    def _close_engine(self) -> None:
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        self._local = threading.local()
+        for c in conns:
+            try:
+                c.close()
+            except Exception:
+                pass
+
+    def _reset_engine(self) -> None:
+        # never close the parent's connections here: that would end them for the parent too
+        self._abandoned.extend(self._conns)
+        self._conns = []
+        self._conns_lock = threading.Lock()
+        self._local = threading.local()
+
+    # -- transactions -----------------------------------------------------------------------------
+    def _retryable(self, e: BaseException) -> bool:
+        if self._pg:
+            import psycopg.errors as pe
+            return isinstance(e, (pe.SerializationFailure, pe.DeadlockDetected,
+                                  pe.LockNotAvailable))
+        if isinstance(e, sqlite3.OperationalError):
+            msg = str(e).lower()
+            return "locked" in msg or "busy" in msg
+        return False
+
+    def txn(self, fn, *, readonly: bool = False):
+        if self._pg:
+            import psycopg
+            lost = psycopg.OperationalError
+            begin = ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if readonly else
+                     f"BEGIN; SELECT pg_advisory_xact_lock({_PG_LOCK})")
+        else:
+            lost = ()
+            begin = "BEGIN" if readonly else "BEGIN IMMEDIATE"
+        attempt = 0
+        while True:
+            c = self._conn()
+            try:
+                c.execute(begin)
+                try:
+                    result = fn(_SQLTx(c, self._pg, readonly))
+                    c.execute("COMMIT")
+                    return result
+                except BaseException:
+                    try:
+                        c.execute("ROLLBACK")
+                    except Exception:
+                        pass
+                    raise
+            except lost as e:
+                if self._retryable(e) and attempt < self.max_retries:
+                    attempt += 1
+                    backoff(attempt)
+                    continue
+                if c.closed or c.broken:
+                    self._drop_conn(c)
+                    raise ConnectionError(f"lost PostgreSQL at {redact(self.url)}: "
+                                          f"{str(e).strip()}") from None
+                raise
+            except Exception as e:
+                if self._retryable(e) and attempt < self.max_retries:
+                    attempt += 1
+                    backoff(attempt)
+                    continue
+                raise
+
+    def init(self, fmt, force: bool = False) -> None:
+        self._creating = True
+        try:
+            super().init(fmt, force)
+        finally:
+            self._creating = False
+
+    def load_dump(self, data: dict) -> None:
+        self._creating = True
+        try:
+            super().load_dump(data)
+        finally:
+            self._creating = False

@@ -27,8 +27,9 @@ def test_format_status_cp_info_roundtrip(tmp_path):
     (src / "sub").mkdir(parents=True)
     (src / "a.bin").write_bytes(os.urandom(300_000))
     (src / "sub" / "b.txt").write_text("hello")
-    p = run("cp", "-r", str(src), "juice://clivol/data")
+    p = run("cp", "-r", str(src), "juice://clivol/data")      # data does not exist: becomes the copy
     assert "copied 2 file(s)" in p.stderr
+    run("cp", "-r", "-q", str(src), "juice://clivol/data")     # data exists: src goes inside it
     info = json.loads(run("info", "juice://clivol/data/src/a.bin").stdout)
     assert info["size"] == 300_000 and info["type"] == "file"
     objects = [o for c in info["chunks"] for s in c["slices"] for o in s["objects"]]
@@ -36,7 +37,8 @@ def test_format_status_cp_info_roundtrip(tmp_path):
     run("cp", "-r", "-q", "juice://clivol/data/src", str(tmp_path / "back"))
     assert (tmp_path / "back" / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
     assert (tmp_path / "back" / "sub" / "b.txt").read_text() == "hello"
-    run("cp", "-q", "juice://clivol/data/src/sub/b.txt", "juice://clivol/copy.txt")
+    assert (tmp_path / "back" / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
+    run("cp", "-q", "juice://clivol/data/sub/b.txt", "juice://clivol/copy.txt")
     with tj.connect("clivol") as vol:
         assert vol.read_bytes("/copy.txt") == b"hello"
 
@@ -53,7 +55,8 @@ def test_format_with_urls_and_options(tmp_path):
     (("status", "nosuchvol"), "no volume named 'nosuchvol'"),
     (("format", "ftp://x/y", "v"), "unknown metadata engine URL"),
     (("info", "juice://nosuchvol/x"), "no volume named"),
-    (("cp", "/definitely/missing", "juice://v/x"), "No such file or directory"),
+    (("cp", "/definitely/missing", "/definitely/elsewhere"), "No such file or directory"),
+    (("cp", "/definitely/missing", "juice://v/x"), "no volume named 'v'"),
     (("info", "s3://bucket/x"), "not a juice:// URL"),
 ])
 def test_user_errors_are_one_line(args, needle):

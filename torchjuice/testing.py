@@ -64,7 +64,7 @@ class RedisServer:
         self.port = free_port()
         self.proc = subprocess.Popen(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--databases", "64"],
+             "--appendonly", "no", "--dir", self.dir, "--databases", "4096"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, self.proc, "redis-server")
         self._next_db = 0
@@ -72,7 +72,7 @@ class RedisServer:
     def url(self) -> str:
         """A fresh, empty database on this server."""
         self._next_db += 1
-        if self._next_db >= 64:
+        if self._next_db >= 4096:
             raise RuntimeError("out of redis databases")
         return f"redis://127.0.0.1:{self.port}/{self._next_db}"
 

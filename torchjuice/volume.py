@@ -174,7 +174,7 @@ class Volume:
                                  upload_threads=upload_threads, download_threads=download_threads,
                                  max_inflight=max_inflight)
         meta.on_delete_slices = self.chunks.delete_slices
-        self._files: "weakref.WeakSet[JuiceRawFile]" = weakref.WeakSet()
+        self._files: weakref.WeakSet = weakref.WeakSet()     # open file objects, closed with us
         self._lock = threading.Lock()
         self.closed = False
         if session:
@@ -254,7 +254,7 @@ class Volume:
         return self._resolve(self.norm(path), path, follow)
 
     # -- files ---------------------------------------------------------------------------------------
-    def open(self, path: str, mode: str = "rb", buffering: int = -1, encoding: str | None = None,
+    def open(self, path: str, mode: str = "r", buffering: int = -1, encoding: str | None = None,
              errors: str | None = None, newline: str | None = None):
         """Open a file like the built-in ``open``: binary modes give buffered binary files, text
         modes an ``io.TextIOWrapper``. ``buffering=0`` gives the raw file (binary only)."""
@@ -286,8 +286,8 @@ class Volume:
             attr = self.meta.truncate(attr.inode, 0)
         raw = JuiceRawFile(self.meta, self.chunks, attr.inode, p, bmode, attr.length,
                            read, write, append)
-        self._files.add(raw)
         if buffering == 0:
+            self._files.add(raw)
             return raw
         size = buffering if buffering > 1 else BUFFER_SIZE
         if read and write:
@@ -300,6 +300,7 @@ class Volume:
             f = io.TextIOWrapper(f, encoding or "utf-8", errors, newline,
                                  line_buffering=buffering == 1)
             f.mode = mode
+        self._files.add(f)          # the outermost object: closing it flushes its buffer too
         return f
 
     def read_bytes(self, path: str) -> bytes:

@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TORCHJUICE_DEBUG"):
             raise
         msg = str(e)
-        if isinstance(e, OSError) and e.filename and e.filename not in msg:
-            msg = f"{msg}: {e.filename}"
+        if isinstance(e, OSError) and e.strerror:        # no "[Errno N]" noise
+            msg = e.strerror if e.filename is None else f"{e.strerror}: {e.filename}"
         print(f"torchjuice {a.command}: error: {msg}", file=sys.stderr)
         return 1
     finally:

@@ -379,3 +379,44 @@ def test_dead_s3_endpoint_is_a_clear_error(tmp_path):
         tj.format(f"sqlite3://{tmp_path}/m.db", "v",
                   storage=f"s3://b?endpoint=http://127.0.0.1:{port}&region=us-east-1")
     assert str(port) in str(e.value)
+
+
+# -- faults ------------------------------------------------------------------------------------------
+def _faulty_volume(request, tmp_path):
+    from torchjuice.meta import new_meta
+    from torchjuice.object import create_store
+    from torchjuice.object.fault import FaultyStore
+    meta_url = f"sqlite3://{tmp_path}/f.db"
+    tj.format(meta_url, "faulty", storage=f"file://{tmp_path}/fb", block_size=1 * MiB)
+    meta = new_meta(meta_url)
+    fmt = meta.load()
+    store = FaultyStore(create_store(fmt.storage))
+    vol = tj.Volume(meta, fmt, store)
+    request.addfinalizer(vol.close)
+    return vol, store
+
+
+def test_failed_upload_commits_nothing_and_loses_nothing(request, tmp_path):
+    vol, store = _faulty_volume(request, tmp_path)
+    v1 = pattern(3 * MiB, 5)
+    vol.write_bytes("/f", v1)
+    store.fail_always(True, ops=["put"])
+    f = vol.open("/f", "ab")
+    f.write(pattern(2 * MiB, 6))
+    with pytest.raises(OSError):
+        f.close()
+    store.fail_always(False)
+    assert vol.read_bytes("/f") == v1                 # the committed bytes are intact
+    assert vol.stat("/f").st_size == len(v1)
+    with vol.open("/f", "ab") as f:                   # and the volume keeps working
+        f.write(b"more")
+    assert vol.read_bytes("/f") == v1 + b"more"
+
+
+def test_failed_download_raises_instead_of_returning_wrong_bytes(request, tmp_path):
+    vol, store = _faulty_volume(request, tmp_path)
+    vol.write_bytes("/g", pattern(2 * MiB, 7))
+    store.fail_next(1, op="get")
+    with pytest.raises(OSError):
+        vol.read_bytes("/g")
+    assert vol.read_bytes("/g") == pattern(2 * MiB, 7)

@@ -313,6 +313,14 @@ def test_cat_pipe_touch_cp(jfs):
         assert f.readlines() == ["héllo\n", "world\n"]
 
 
+def test_volume_close_flushes_open_files(jfs):
+    f = jfs.open("vol/unflushed", "wb")
+    f.write(b"buffered bytes")
+    tj.volume_for("vol", meta=jfs.meta).close()             # the next call reconnects
+    assert f.closed
+    assert jfs.cat_file("vol/unflushed") == b"buffered bytes"
+
+
 def test_transaction(jfs):
     with jfs.transaction:
         with jfs.open("vol/tx/a", "wb") as f:

@@ -471,6 +471,8 @@ class JuiceFileSystem(AbstractFileSystem):
         else:
             f = JuiceBufferedWriter(raw, size)
         f.fs, f.path, f.autocommit, f._vol = self, name, autocommit, vol
+        vol._files.discard(raw)          # Volume.close closes the outermost object: ours, so
+        vol._files.add(f)                # that its buffer is flushed before the raw file closes
         if tmp is not None:
             f._tmp, f._dest, f._noreplace = tmp, inner, "x" in mode
         return f

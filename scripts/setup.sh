@@ -16,4 +16,4 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: please install: ${missing[*]} (apt-get install ...)" >&2
   fi
 fi
-python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[test]"
+python -m pip install -q --disable-pip-version-check torch==2.13.0 -e ".[test,bench]"

@@ -39,14 +39,29 @@ def _registry_path() -> str:
     return os.path.join(home(), "volumes.json")
 
 
+_registry_cache: tuple = (None, None, {})       # (path, (mtime_ns, size), contents)
+
+
 def _read_registry() -> dict:
+    """The registry, re-read only when the file changed (``juice://`` calls resolve through it)."""
+    global _registry_cache
+    path = _registry_path()
     try:
-        with open(_registry_path()) as f:
-            return json.load(f)
+        st = os.stat(path)
+    except FileNotFoundError:
+        return {}
+    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    if _registry_cache[0] == path and _registry_cache[1] == stamp:
+        return dict(_registry_cache[2])
+    try:
+        with open(path) as f:
+            reg = json.load(f)
     except FileNotFoundError:
         return {}
     except ValueError as e:
-        raise NotFormattedError(f"volume registry {_registry_path()} is corrupt: {e}") from None
+        raise NotFormattedError(f"volume registry {path} is corrupt: {e}") from None
+    _registry_cache = (path, stamp, reg)
+    return dict(reg)
 
 
 def _register(name: str, meta_url: str) -> None:

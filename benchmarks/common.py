@@ -26,8 +26,10 @@ def machine() -> str:
 
 
 def command() -> str:
-    return "python -m " + (sys.argv[0].replace("/", ".").removesuffix(".py")
-                           if sys.argv[0].endswith(".py") else sys.argv[0]) + " " + " ".join(sys.argv[1:])
+    import __main__
+    spec = getattr(__main__, "__spec__", None)
+    prog = f"python -m {spec.name}" if spec is not None and spec.name else f"python {sys.argv[0]}"
+    return " ".join([prog] + sys.argv[1:])
 
 
 @contextmanager
@@ -49,11 +51,15 @@ def write_results(name: str, rows: list[dict], table: str, notes: str = "") -> s
     """Write ``results/NAME.json`` and ``results/NAME.md`` (machine, command, commit, table)."""
     os.makedirs(RESULTS, exist_ok=True)
     meta = {"machine": machine(), "command": command(), "commit": git_rev(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average_at_end": os.getloadavg()[0]}
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=1)
     md = (f"# {name}\n\n- machine: {meta['machine']}\n- command: `{meta['command']}`\n"
-          f"- commit: {meta['commit']}\n- date: {meta['date']}\n\n{notes}\n\n```\n{table}\n```\n")
+          f"- commit: {meta['commit']}\n- date: {meta['date']}\n"
+          f"- load average (1 min) at the end: {meta['load_average_at_end']:.1f} "
+          "(other work on this 2-core machine skews absolute figures; ratios are measured in "
+          f"one run)\n\n{notes}\n\n```\n{table}\n```\n")
     path = os.path.join(RESULTS, f"{name}.md")
     with open(path, "w") as f:
         f.write(md)

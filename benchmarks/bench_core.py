@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torchjuice as tj
-from torchjuice.cli.main import parse_size
+from torchjuice.units import parse_size
 from torchjuice.testing import PostgresServer, RedisServer, S3Server, ServerUnavailable
 
 from .common import fmt_table, machine, timer, write_results

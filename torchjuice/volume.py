@@ -24,6 +24,7 @@ from .errors import (AlreadyFormattedError, ClosedVolumeError, InvalidURLError, 
                      PathEscapeError, VolumeMismatchError, oserror)
 from .meta import (CHUNK_SIZE, ROOT_INODE, TYPE_DIR, TYPE_FILE, Attr, Format, Meta, new_meta)
 from .object import create_store
+from .units import parse_size
 from .vfs.handle import JuiceRawFile, open_flags
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -165,7 +166,12 @@ def connect(meta_url_or_name: str, cache_dir: str | None = None, cache_size: int
     except BaseException:
         meta.close()
         raise
-    return Volume(meta, fmt, store, **options)
+    try:
+        return Volume(meta, fmt, store, cache_dir=cache_dir, cache_size=cache_size, **options)
+    except BaseException:
+        meta.close()
+        store.close()
+        raise
 
 
 # -- the volume ----------------------------------------------------------------------------------
@@ -179,21 +185,47 @@ class Volume:
     """A connected volume: paths are absolute inside it (``/a/b``); relative paths start at the
     root; ``..`` may not climb above it."""
 
-    def __init__(self, meta: Meta, fmt: Format, store, *, upload_threads: int = 16,
-                 download_threads: int = 16, max_inflight: int = 256 << 20, session: bool = True):
+    def __init__(self, meta: Meta, fmt: Format, store, *, cache_dir: str | None = None,
+                 cache_size: int | str | None = None, cache_free_ratio: float = 0.1,
+                 buffer_size: int = 256 << 20, max_readahead: int | None = None,
+                 writeback: bool = False, cache_writes: bool = True, upload_threads: int = 16,
+                 download_threads: int = 16, max_inflight: int = 256 << 20, session: bool = True,
+                 stats_interval: float = 5.0):
         self.meta = meta
         self.format = fmt
         self.name = fmt.name
         self.store = store
+        remote = not fmt.storage.startswith(("file://", "mem://"))
+        cache = self._disk_cache(fmt, cache_dir, cache_size, cache_free_ratio, remote or writeback)
+        self.max_readahead = (64 << 20 if remote else 0) if max_readahead is None else max_readahead
         self.chunks = ChunkStore(store, fmt.name, fmt.block_size, fmt.compression,
                                  upload_threads=upload_threads, download_threads=download_threads,
-                                 max_inflight=max_inflight)
+                                 max_inflight=max_inflight, cache=cache, buffer_size=buffer_size,
+                                 cache_writes=cache_writes, writeback=writeback)
         meta.on_delete_slices = self.chunks.delete_slices
         self._files: weakref.WeakSet = weakref.WeakSet()     # open file objects, closed with us
         self._lock = threading.Lock()
         self.closed = False
         if session:
+            meta.session_stats = self.metrics
+            meta.heartbeat_interval = stats_interval
             meta.new_session({"pid": os.getpid(), "host": os.uname().nodename})
+
+    @staticmethod
+    def _disk_cache(fmt: Format, cache_dir, cache_size, free_ratio: float, default_on: bool):
+        """The local block cache. On by default for remote stores (``$TORCHJUICE_HOME/cache``,
+        10 GiB); off for ``file://``/``mem://`` stores unless a ``cache_dir`` is given, since
+        their blocks are local already. ``cache_size=0`` turns it off."""
+        from .chunk.disk import DiskCache
+        cache_dir = cache_dir or os.environ.get("TORCHJUICE_CACHE_DIR")
+        if cache_size is None:
+            cache_size = os.environ.get("TORCHJUICE_CACHE_SIZE")
+        if isinstance(cache_size, str):
+            cache_size = parse_size(cache_size)
+        if cache_size == 0 or (cache_dir is None and not default_on):
+            return None
+        return DiskCache(cache_dir or os.path.join(home(), "cache"), fmt.uuid,
+                         10 << 30 if cache_size is None else cache_size, free_ratio)
 
     def __repr__(self) -> str:
         return f"<Volume {self.name!r} meta={self.meta.url!r} storage={self.format.storage!r}>"
@@ -300,7 +332,7 @@ class Volume:
         if trunc and attr.length:
             attr = self.meta.truncate(attr.inode, 0)
         raw = JuiceRawFile(self.meta, self.chunks, attr.inode, p, bmode, attr.length,
-                           read, write, append)
+                           read, write, append, self.max_readahead)
         if buffering == 0:
             self._files.add(raw)
             return raw
@@ -509,8 +541,46 @@ class Volume:
         return {"used_bytes": used, "used_inodes": inodes}
 
     def metrics(self) -> dict:
-        """Object-store counters of this client."""
-        return self.chunks.metrics.as_dict()
+        """Counters of this client: object GET/PUT counts, bytes and seconds, memory-buffer and
+        disk-cache hits and misses, prefetches, cache usage."""
+        return self.chunks.stats()
+
+    @property
+    def cache_dir(self) -> str | None:
+        """This volume's directory in the local disk cache (None: no disk cache)."""
+        return None if self.chunks.cache is None else self.chunks.cache.dir
+
+    def warmup(self, paths, progress=None) -> dict:
+        """Fill the local disk cache with every block of the given files (directories: every
+        file under them). ``progress`` is a tqdm-like object: its ``total`` is set to the bytes
+        to warm, then ``update(nbytes)`` is called as blocks land. Returns a summary."""
+        import time as _time
+        t0 = _time.perf_counter()
+        blocks = []
+        for path in [paths] if isinstance(paths, str) else paths:
+            blocks.extend(self._blocks_of(path))
+        total = sum(b for _, b in blocks)
+        if progress is not None:
+            progress.total = total
+            progress.refresh()
+        fetched, nbytes = self.chunks.warm(blocks, None if progress is None else progress.update)
+        return {"blocks": len(blocks), "downloaded_blocks": fetched, "downloaded_bytes": nbytes,
+                "bytes": total, "seconds": _time.perf_counter() - t0}
+
+    def _blocks_of(self, path: str) -> list[tuple[str, int]]:
+        a = self._attr(path)
+        if a.is_dir:
+            p = self.norm(path)
+            return [b for name, _ in self.meta.readdir(a.inode)
+                    for b in self._blocks_of(posixpath.join(p, name))]
+        if not a.is_file:
+            return []
+        out = []
+        for index in range((a.length + CHUNK_SIZE - 1) // CHUNK_SIZE):
+            for s in self.meta.read_chunk(a.inode, index):
+                if s.id:
+                    out.extend(self.chunks.blocks(s.id, s.size))
+        return list(dict.fromkeys(out))
 
     def info(self, path: str) -> dict:
         """Inode, size, and the chunks, slices and objects behind a file (``torchjuice info``)."""

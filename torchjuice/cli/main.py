@@ -9,33 +9,13 @@ import argparse
 import json
 import os
 import sys
+import time
 
 
 from .. import volume as _volume
 from ..errors import InvalidURLError
 from ..meta import new_meta
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``4M`` -> 4194304; plain numbers are bytes; K/M/G/T are powers of 1024."""
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in _UNITS and not t[-1:].isdigit() else ""
-    try:
-        n = float(t[: len(t) - len(unit)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (use e.g. 4M, 512K, 1G)") from None
-    return int(n * _UNITS[unit])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n}"
-
+from ..units import human, parse_size
 
 # -- commands --------------------------------------------------------------------------------------
 def cmd_format(a) -> int:
@@ -81,6 +61,73 @@ def cmd_cp(a) -> int:
     return 0
 
 
+def cmd_warmup(a) -> int:
+    from tqdm import tqdm
+    by_volume: dict[str, list[str]] = {}
+    for url in a.paths:
+        name, path = _volume.split_url(url)
+        by_volume.setdefault(name, []).append(path)
+    for name, paths in by_volume.items():
+        vol = _volume.volume_for(name)
+        if vol.cache_dir is None:
+            raise ValueError(f"volume {name!r} has no disk cache to warm: set TORCHJUICE_CACHE_DIR "
+                             "(file:// and mem:// stores are not cached by default)")
+        with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"warmup {name}",
+                  disable=a.quiet) as bar:
+            s = vol.warmup(paths, progress=bar)
+        rate = s["downloaded_bytes"] / s["seconds"] if s["seconds"] else 0
+        print(f"warmup {name}: {s['blocks']} blocks ({human(s['bytes'])}), downloaded "
+              f"{s['downloaded_blocks']} ({human(s['downloaded_bytes'])}) in {s['seconds']:.2f}s "
+              f"({human(rate)}/s); cache {vol.cache_dir}", file=sys.stderr)
+    return 0
+
+
+STAT_COLUMNS = [("get_count", "GETs", int), ("get_bytes", "GET bytes", human),
+                ("put_count", "PUTs", int), ("put_bytes", "PUT bytes", human),
+                ("cache_hits", "cache hits", int), ("cache_misses", "misses", int),
+                ("cache_hit_bytes", "hit bytes", human), ("buffer_hits", "buf hits", int),
+                ("prefetch_count", "prefetch", int), ("cache_usage_bytes", "cache used", human)]
+
+
+def stats_table(sessions: list[dict]) -> str:
+    rows = [["session", "host:pid", "age"] + [c[1] for c in STAT_COLUMNS]]
+    totals = {c[0]: 0 for c in STAT_COLUMNS}
+    now = time.time()
+    for s in sessions:
+        st = s.get("stats") or {}
+        rows.append([str(s["sid"]), f"{s.get('host', '?')}:{s.get('pid', '?')}",
+                     f"{now - s['heartbeat']:.0f}s"] +
+                    [str(f(st.get(k, 0))) for k, _, f in STAT_COLUMNS])
+        for k in totals:
+            totals[k] += st.get(k, 0) or 0
+    rows.append(["total", "", ""] + [str(f(totals[k])) for k, _, f in STAT_COLUMNS])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def cmd_stats(a) -> int:
+    meta = new_meta(_volume.find_meta_url(a.volume))
+    try:
+        meta.load()
+        n = 0
+        while True:
+            sessions = meta.list_sessions()
+            if a.json:
+                print(json.dumps(sessions, default=str))
+            else:
+                table = stats_table(sessions)
+                if sys.stdout.isatty() and n:
+                    print("\x1b[H\x1b[2J", end="")       # refresh in place
+                print(f"{time.strftime('%H:%M:%S')}  {len(sessions)} client(s); counters as of "
+                      "their last heartbeat\n" + table, flush=True)
+            n += 1
+            if a.count and n >= a.count:
+                return 0
+            time.sleep(a.interval)
+    finally:
+        meta.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="torchjuice",
                                 description="A JuiceFS-design file system for PyTorch.")
@@ -111,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-r", "--recursive", action="store_true")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_cp)
+
+    w = sub.add_parser("warmup", help="fill the local disk cache with the blocks of files/dirs")
+    w.add_argument("paths", nargs="+", metavar="juice://VOL/path")
+    w.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    w.set_defaults(func=cmd_warmup)
+
+    st = sub.add_parser("stats", help="live counters of the clients of a volume")
+    st.add_argument("volume", metavar="META_URL|NAME")
+    st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    st.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
+    st.add_argument("--json", action="store_true", help="one JSON line per refresh")
+    st.set_defaults(func=cmd_stats)
     return p
 
 
@@ -148,4 +207,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "parse_size", "human"]
+__all__ = ["main"]

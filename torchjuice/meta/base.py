@@ -184,7 +184,6 @@ class BaseMeta(Meta):
     its URL (a fresh, session-less instance on the other side).
     """
 
-    heartbeat_interval = 10.0
 
     def __init__(self, url: str):
         self.url = url
@@ -383,8 +382,21 @@ class BaseMeta(Meta):
 
     # -- sessions ----------------------------------------------------------------------------------
     def _session_record(self, sid: int) -> bytes:
-        return json.dumps({"sid": sid, "heartbeat": time.time(), "info": self._session_info,
-                           "host": socket.gethostname(), "pid": os.getpid()}).encode()
+        rec = {"sid": sid, "heartbeat": time.time(), "info": self._session_info,
+               "host": socket.gethostname(), "pid": os.getpid()}
+        if self.session_stats is not None:      # the client's counters, for `torchjuice stats`
+            try:
+                rec["stats"] = self.session_stats()
+            except Exception as e:
+                log.debug("session stats unavailable: %s", e)
+        return json.dumps(rec).encode()
+
+    def publish_session(self) -> None:
+        """Write this client's session record (with fresh stats) now, not at the next beat."""
+        if self._sid is not None:
+            sid = self._sid
+            rec = self._session_record(sid)
+            self.txn(lambda tx: tx.hset("sessions", str(sid).encode(), rec))
 
     def new_session(self, info: dict | None = None) -> int:
         self._session_info = dict(info or {})

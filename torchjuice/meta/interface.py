@@ -114,6 +114,10 @@ class Meta(ABC):
     #: called after a commit that dropped slices nothing refers to any more, with their
     #: ``(id, size)``; the data layer sets it to delete the blocks. None: the blocks leak for gc.
     on_delete_slices: Callable[[list[tuple[int, int]]], None] | None = None
+    #: returns this client's counters; published with every session heartbeat
+    session_stats: Callable[[], dict] | None = None
+    #: seconds between session heartbeats
+    heartbeat_interval: float = 10.0
 
     # -- volume ------------------------------------------------------------------------------------
     @abstractmethod
@@ -132,6 +136,9 @@ class Meta(ABC):
     @abstractmethod
     def close_session(self) -> None:
         """Drop this client's session."""
+
+    def publish_session(self) -> None:
+        """Write this client's session record (and stats) now rather than at the next beat."""
 
     @abstractmethod
     def list_sessions(self) -> list[dict]:

@@ -22,7 +22,8 @@ from .writer import FileWriter
 
 class JuiceRawFile(io.RawIOBase):
     def __init__(self, meta: Meta, chunks: ChunkStore, inode: int, path: str, mode: str,
-                 length: int, readable: bool, writable: bool, append: bool):
+                 length: int, readable: bool, writable: bool, append: bool,
+                 max_readahead: int = 0):
         super().__init__()
         self.name = path
         self.mode = mode
@@ -33,7 +34,7 @@ class JuiceRawFile(io.RawIOBase):
         self._append = append
         self._pos = 0
         self._length = length
-        self._reader = FileReader(meta, chunks, inode)
+        self._reader = FileReader(meta, chunks, inode, max_readahead)
         self._writer = FileWriter(meta, chunks, inode) if writable else None
         meta.open_file(inode)
 

@@ -1,6 +1,15 @@
-"""Reading a file: merge the slices of each chunk (newest on top, gaps are zeros), then fetch the
-blocks behind the requested range straight into the caller's buffer."""
+"""Reading a file: merge the slices of each chunk (newest on top, gaps are zeros), fetch the blocks
+behind the requested range straight into the caller's buffer, and read ahead for sequential
+readers.
+
+Readahead: a read that starts where the previous one ended is sequential; the window then grows
+(doubling, at least twice the read size) up to ``max_readahead``, and the blocks in the window
+past the read are prefetched in the background. A random read resets the window; a nearly full
+memory buffer halves it.
+"""
 from __future__ import annotations
+
+from typing import Iterator
 
 from ..chunk.store import ChunkStore
 from ..meta import CHUNK_SIZE, Meta, Slice
@@ -44,11 +53,15 @@ def zero_fill(view: memoryview) -> None:
 class FileReader:
     """Reads one inode; keeps the merged view of each chunk until told that it changed."""
 
-    def __init__(self, meta: Meta, chunks: ChunkStore, inode: int):
+    def __init__(self, meta: Meta, chunks: ChunkStore, inode: int, max_readahead: int = 64 << 20):
         self.meta = meta
         self.chunks = chunks
         self.inode = inode
+        self.max_readahead = max_readahead
         self._views: dict[int, list] = {}
+        self._next = 0            # where a sequential reader reads next
+        self._window = 0
+        self._ahead = 0           # prefetch was issued up to here
 
     def invalidate(self, indexes=None) -> None:
         if indexes is None:
@@ -63,38 +76,67 @@ class FileReader:
             view = self._views[index] = merge_slices(self.meta.read_chunk(self.inode, index))
         return view
 
+    def _pieces(self, off: int, n: int) -> Iterator[tuple[int, int, int, int, int]]:
+        """``(file_off, len, slice_id, slice_size, slice_off)`` covering ``[off, off+n)``;
+        id 0 means zeros."""
+        end = off + n
+        while off < end:
+            index, coff = divmod(off, CHUNK_SIZE)
+            cend = min(CHUNK_SIZE, coff + end - off)
+            base = index * CHUNK_SIZE
+            pos = coff
+            for start, stop, sid, size, soff in self._view(index):
+                if stop <= pos:
+                    continue
+                if start >= cend:
+                    break
+                if start > pos:
+                    yield base + pos, start - pos, 0, 0, 0
+                    pos = start
+                upto = min(stop, cend)
+                yield base + pos, upto - pos, sid, size, soff + (pos - start)
+                pos = upto
+            if pos < cend:
+                yield base + pos, cend - pos, 0, 0, 0
+            off = base + cend
+
     def read_into(self, off: int, out: memoryview, length: int) -> int:
         """Fill ``out`` from file offset ``off``; stops at ``length`` (the file size). Returns the
         number of bytes read."""
         n = max(0, min(len(out), length - off))
         reads = []
-        done = 0
-        while done < n:
-            index, coff = divmod(off + done, CHUNK_SIZE)
-            k = min(n - done, CHUNK_SIZE - coff)
-            self._plan(index, coff, out[done: done + k], reads)
-            done += k
+        for foff, k, sid, size, soff in self._pieces(off, n):
+            view = out[foff - off: foff - off + k]
+            if sid == 0:
+                zero_fill(view)
+            else:
+                reads.extend(self.chunks.read_slice(sid, size, soff, view))
+        if self.max_readahead > 0:
+            self._readahead(off, n, length)
         if reads:
             self.chunks.run_reads(reads)
         return n
 
-    def _plan(self, index: int, coff: int, out: memoryview, reads: list) -> None:
-        end = coff + len(out)
-        pos = coff
-        for start, stop, sid, size, soff in self._view(index):
-            if stop <= pos:
-                continue
-            if start >= end:
-                break
-            if start > pos:
-                zero_fill(out[pos - coff: start - coff])
-                pos = start
-            upto = min(stop, end)
-            if sid == 0:
-                zero_fill(out[pos - coff: upto - coff])
-            else:
-                reads.extend(self.chunks.read_slice(sid, size, soff + (pos - start),
-                                                    out[pos - coff: upto - coff]))
-            pos = upto
-        if pos < end:
-            zero_fill(out[pos - coff:])
+    def _readahead(self, off: int, n: int, length: int) -> None:
+        if off != self._next or n == 0:
+            self._window = self._ahead = 0
+            self._next = off + n
+            return
+        self._next = off + n
+        w = min(max(self._window * 2, 2 * n, self.chunks.block_size), self.max_readahead)
+        if self.chunks.under_pressure():
+            w //= 2
+        self._window = w
+        start = max(off + n, self._ahead)
+        end = min(off + n + w, length)
+        if end <= start:
+            return
+        bs = self.chunks.block_size
+        blocks = []
+        for _foff, k, sid, size, soff in self._pieces(start, end - start):
+            if sid:
+                for i in range(soff // bs, (soff + k - 1) // bs + 1):
+                    blocks.append((self.chunks.key(sid, i, min(bs, size - i * bs)),
+                                   min(bs, size - i * bs)))
+        self._ahead = end
+        self.chunks.prefetch(blocks)

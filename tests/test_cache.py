@@ -1,0 +1,350 @@
+"""Block cache, readahead, single-flight, write-back, warmup and stats."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import torchjuice as tj
+from torchjuice.chunk.disk import DiskCache, trailer_size
+from torchjuice.meta import new_meta
+from torchjuice.object import create_store
+from torchjuice.object.fault import FaultyStore
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A formatted volume on a file store, and a function connecting clients with a disk cache."""
+    meta = f"sqlite3://{tmp_path}/meta.db"
+    tj.format(meta, "cachevol", storage=f"file://{tmp_path}/store", block_size=1 * MiB)
+    clients = []
+
+    def client(cache="c1", store_wrapper=None, **kw):
+        m = new_meta(meta)
+        fmt = m.load()
+        store = create_store(fmt.storage)
+        if store_wrapper is not None:
+            store = store_wrapper(store)
+        kw.setdefault("cache_dir", str(tmp_path / cache) if cache else None)
+        vol = tj.Volume(m, fmt, store, **kw)
+        clients.append(vol)
+        return vol
+    yield meta, client, tmp_path
+    for v in clients:
+        v.close()
+
+
+def data_of(n, seed=0):
+    import random
+    return random.Random(seed).randbytes(n)
+
+
+def cache_files(vol):
+    out = []
+    for root, _, files in os.walk(os.path.join(vol.cache_dir, "raw")):
+        out += [os.path.join(root, f) for f in files]
+    return out
+
+
+def test_reads_fill_the_cache_and_later_reads_hit_it(setup):
+    _, client, _ = setup
+    writer = client(cache=None)
+    data = data_of(3 * MiB + 100)
+    writer.write_bytes("/f", data)
+    vol = client()
+    assert vol.read_bytes("/f") == data
+    m = vol.metrics()
+    assert m["get_count"] == 4 and len(cache_files(vol)) == 4
+    assert vol.read_bytes("/f") == data
+    m2 = vol.metrics()
+    assert m2["get_count"] == 4                           # nothing more from the store
+    assert m2["cache_hits"] >= 4 and m2["cache_hit_bytes"] >= len(data)
+
+
+def test_cache_survives_a_restart(setup):
+    _, client, _ = setup
+    client(cache=None).write_bytes("/f", data_of(2 * MiB, 1))
+    first = client()
+    first.read_bytes("/f")
+    first.close()
+    second = client()
+    assert second.read_bytes("/f") == data_of(2 * MiB, 1)
+    assert second.metrics()["get_count"] == 0
+
+
+def test_corrupt_cache_block_is_detected_dropped_and_refetched(setup):
+    _, client, _ = setup
+    data = data_of(2 * MiB, 2)
+    client(cache=None).write_bytes("/f", data)
+    vol = client()
+    vol.read_bytes("/f")
+    victim = sorted(cache_files(vol))[0]
+    with open(victim, "r+b") as f:                        # flip one byte in the data
+        f.seek(12345)
+        b = f.read(1)
+        f.seek(12345)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with vol.open("/f", "rb", buffering=0) as f:          # a small read inside the bad segment
+        f.seek(12000)
+        assert f.read(1000) == data[12000:13000]
+    m = vol.metrics()
+    assert m["cache_corrupt"] == 1
+    assert vol.read_bytes("/f") == data
+    with open(victim, "rb") as f:                         # refetched and cached again, intact
+        assert f.read(MiB) in (data[:MiB], data[MiB:])
+
+
+def test_truncated_cache_file_is_a_miss_not_wrong_data(setup):
+    _, client, _ = setup
+    data = data_of(MiB, 3)
+    client(cache=None).write_bytes("/f", data)
+    vol = client()
+    vol.read_bytes("/f")
+    (victim,) = cache_files(vol)
+    os.truncate(victim, 1000)
+    assert vol.read_bytes("/f") == data
+    assert vol.metrics()["cache_corrupt"] == 1
+
+
+def on_disk(vol) -> int:
+    return sum(os.path.getsize(p) for p in cache_files(vol))
+
+
+def test_cache_never_exceeds_its_cap(setup):
+    _, client, _ = setup
+    writer = client(cache=None)
+    for i in range(6):
+        writer.write_bytes(f"/f{i}", data_of(2 * MiB, 10 + i))
+    cap = 3 * (MiB + trailer_size(MiB)) + 1000
+    vol = client(cache_size=cap)
+    for rnd in range(2):
+        for i in range(6):
+            assert vol.read_bytes(f"/f{i}") == data_of(2 * MiB, 10 + i)
+            assert on_disk(vol) <= cap
+            assert vol.chunks.cache.usage() <= cap
+    assert vol.metrics()["cache_evictions"] > 0
+
+
+def test_block_bigger_than_the_cache_is_served_uncached(setup):
+    _, client, _ = setup
+    client(cache=None).write_bytes("/f", data_of(MiB, 4))
+    vol = client(cache_size=1000)
+    assert vol.read_bytes("/f") == data_of(MiB, 4)
+    assert cache_files(vol) == [] and vol.metrics()["cache_skipped"] >= 1
+
+
+def test_full_disk_while_caching_still_serves_the_data(setup, monkeypatch):
+    import errno
+    _, client, _ = setup
+    client(cache=None).write_bytes("/f", data_of(2 * MiB, 5))
+    vol = client()
+    import torchjuice.chunk.disk as disk
+
+    def enospc(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(disk.os, "write", enospc)
+    assert vol.read_bytes("/f") == data_of(2 * MiB, 5)
+    monkeypatch.undo()
+    assert cache_files(vol) == [] and vol.metrics()["cache_skipped"] >= 2
+
+
+SHARED_READER = textwrap.dedent("""
+    import hashlib, json, sys, torchjuice as tj
+    from torchjuice.meta import new_meta
+    from torchjuice.object import create_store
+    meta, cache, cap, names = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    m = new_meta(meta); fmt = m.load()
+    vol = tj.Volume(m, fmt, create_store(fmt.storage), cache_dir=cache, cache_size=cap)
+    out = {}
+    for rnd in range(3):
+        for n in names:
+            out[n] = hashlib.sha256(vol.read_bytes(n)).hexdigest()
+    print(json.dumps({"digests": out, "corrupt": vol.metrics()["cache_corrupt"]}))
+    vol.close()
+""")
+
+
+def test_two_processes_share_one_cache_without_corrupting_it(setup):
+    import hashlib
+    meta, client, tmp = setup
+    writer = client(cache=None)
+    names = [f"/s{i}" for i in range(6)]
+    for i, n in enumerate(names):
+        writer.write_bytes(n, data_of(2 * MiB + i, 20 + i))
+    expect = {n: hashlib.sha256(data_of(2 * MiB + i, 20 + i)).hexdigest()
+              for i, n in enumerate(names)}
+    cache = str(tmp / "shared")
+    cap = 8 * (MiB + trailer_size(MiB))                    # forces evictions under both
+    procs = [subprocess.Popen([sys.executable, "-c", SHARED_READER, meta, cache, str(cap)] +
+                              (names if k == 0 else names[::-1]), stdout=subprocess.PIPE, text=True)
+             for k in range(2)]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        res = json.loads(out)
+        assert res["digests"] == expect and res["corrupt"] == 0
+    vol = client(cache="shared", cache_size=cap)
+    assert on_disk(vol) <= cap
+    for path in cache_files(vol):                          # every block left verifies
+        key = os.path.relpath(path, os.path.join(vol.cache_dir, "raw"))
+        bsize = int(key.rsplit("_", 1)[1])
+        buf = memoryview(bytearray(bsize))
+        vol.chunks.cache.read_into(key, bsize, 0, buf)
+
+
+def test_sequential_reader_prefetches_and_random_reader_does_not(setup):
+    _, client, _ = setup
+    data = data_of(12 * MiB, 6)
+    client(cache=None).write_bytes("/f", data)
+    vol = client(cache=None, max_readahead=8 * MiB)
+    got = bytearray()
+    with vol.open("/f", "rb", buffering=0) as f:
+        while chunk := f.read(256 << 10):
+            got += chunk
+    assert bytes(got) == data
+    m = vol.metrics()
+    assert m["prefetch_count"] >= 8 and m["buffer_hits"] + m["singleflight_waits"] >= 8
+    rnd = client(cache=None, max_readahead=8 * MiB)
+    with rnd.open("/f", "rb", buffering=0) as f:
+        for off in (9 * MiB, 1 * MiB, 5 * MiB, 0):
+            f.seek(off)
+            assert f.read(4096) == data[off: off + 4096]
+    assert rnd.metrics()["prefetch_count"] == 0
+
+
+def test_single_flight_one_download_per_block(setup):
+    _, client, _ = setup
+    client(cache=None).write_bytes("/f", data_of(MiB, 7))
+    vol = client(store_wrapper=lambda s: FaultyStore(s, delay=0.3, fail_ops=("get",)))
+    key, bsize = vol._blocks_of("/f")[0]
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(bytes(vol.chunks.fetch(key, bsize))))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [data_of(MiB, 7)] * 8
+    assert vol.metrics()["get_count"] == 1
+
+
+WRITEBACK_CLIENT = textwrap.dedent("""
+    import sys, time, torchjuice as tj
+    from torchjuice.meta import new_meta
+    from torchjuice.object import create_store
+    from torchjuice.object.fault import FaultyStore
+    meta, cache = sys.argv[1], sys.argv[2]
+    m = new_meta(meta); fmt = m.load()
+    store = FaultyStore(create_store(fmt.storage))
+    store.fail_always(True, ops=["put"])                  # uploads cannot land
+    vol = tj.Volume(m, fmt, store, cache_dir=cache, writeback=True)
+    with vol.open("/wb.bin", "wb") as f:
+        f.write(bytes(range(256)) * 12289)
+    print("committed", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_writeback_data_survives_a_killed_client(setup):
+    meta, client, tmp = setup
+    cache = str(tmp / "wbcache")
+    p = subprocess.Popen([sys.executable, "-c", WRITEBACK_CLIENT, meta, cache],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "committed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    data = bytes(range(256)) * 12289
+    other = client(cache=None)
+    assert other.stat("/wb.bin").st_size == len(data)      # committed first ...
+    with pytest.raises(FileNotFoundError):                 # ... but not uploaded yet
+        other.read_bytes("/wb.bin")
+    restarted = client(cache="wbcache", writeback=True)    # uploads what was staged
+    assert restarted.chunks.wait_writeback(timeout=30)
+    fresh = client(cache=None)
+    assert fresh.read_bytes("/wb.bin") == data
+    assert restarted.chunks.cache.staged_keys() == []
+
+
+def test_writeback_reads_own_staged_blocks(setup):
+    _, client, _ = setup
+    vol = client(writeback=True)
+    vol.write_bytes("/x", data_of(3 * MiB, 8))
+    assert vol.read_bytes("/x") == data_of(3 * MiB, 8)
+    assert vol.chunks.wait_writeback(timeout=30)
+
+
+def test_writeback_requires_a_cache(setup):
+    _, client, _ = setup
+    with pytest.raises(ValueError, match="cache"):
+        client(cache=None, writeback=True, cache_size=0)
+
+
+def test_warmup_fills_the_cache(setup):
+    _, client, _ = setup
+    w = client(cache=None)
+    w.makedirs("/d/e")
+    w.write_bytes("/d/a", data_of(2 * MiB, 9))
+    w.write_bytes("/d/e/b", data_of(MiB + 5, 10))
+    vol = client()
+    s = vol.warmup(["/d"])
+    assert s["blocks"] == 4 and s["downloaded_blocks"] == 4 and s["bytes"] == 3 * MiB + 5
+    assert vol.warmup("/d")["downloaded_blocks"] == 0      # already there
+    before = vol.metrics()["get_count"]
+    assert vol.read_bytes("/d/e/b") == data_of(MiB + 5, 10)
+    assert vol.metrics()["get_count"] == before
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "torchjuice.cli", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def test_warmup_and_stats_commands(tmp_path, s3_server):
+    meta = f"sqlite3://{tmp_path}/m.db"
+    tj.format(meta, "warmvol", storage=s3_server.url())
+    with tj.connect("warmvol", cache_size=0) as vol:
+        vol.makedirs("/model")
+        vol.write_bytes("/model/w.bin", data_of(9 * MiB, 11))
+    env = {"TORCHJUICE_CACHE_DIR": str(tmp_path / "cli-cache")}
+    p = run_cli("warmup", "juice://warmvol/model", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "3 blocks (9.0 MiB), downloaded 3" in p.stderr
+    with tj.connect("warmvol", cache_dir=str(tmp_path / "cli-cache"), stats_interval=0.2) as vol:
+        assert vol.read_bytes("/model/w.bin") == data_of(9 * MiB, 11)
+        assert vol.metrics()["get_count"] == 0
+        time.sleep(0.6)                                    # a heartbeat publishes the counters
+        p = run_cli("stats", "warmvol", "--count", "1", "--json")
+        assert p.returncode == 0, p.stderr
+        sessions = json.loads(p.stdout)
+        mine = [s for s in sessions if s["pid"] == os.getpid()]
+        assert mine and mine[0]["stats"]["cache_hits"] >= 3
+        table = run_cli("stats", "warmvol", "--count", "1").stdout
+        assert "cache hits" in table and "total" in table
+
+
+def test_s3_volume_caches_by_default(tmp_path, s3_server):
+    tj.format(f"sqlite3://{tmp_path}/m.db", "s3vol", storage=s3_server.url())
+    with tj.connect("s3vol") as vol:
+        vol.write_bytes("/a", data_of(5 * MiB, 12))
+        assert vol.cache_dir and vol.cache_dir.startswith(os.environ["TORCHJUICE_HOME"])
+        assert vol.read_bytes("/a") == data_of(5 * MiB, 12)
+        assert vol.metrics()["get_count"] == 0              # written blocks were cached
+
+
+def test_diskcache_unit_partial_reads_verify(tmp_path):
+    c = DiskCache(str(tmp_path), "u", 100 * MiB)
+    data = data_of(MiB + 77, 13)
+    assert c.put("k/1", data)
+    for off, n in ((0, 10), (65530, 20), (MiB, 77), (3, MiB)):
+        out = memoryview(bytearray(n))
+        c.read_into("k/1", len(data), off, out)
+        assert bytes(out) == data[off: off + n]

@@ -1,0 +1,1020 @@
+"""PyTorch datasets over a volume.
+
+* :class:`JuiceDataset` — map-style: every regular file under a directory (sorted, recursive), or an
+  explicit list of ``juice://`` URLs. An item is the file's bytes (or ``transform(bytes)``).
+* :class:`JuiceIterableDataset` — streaming: samples from tar shards (WebDataset conventions) or
+  whole files, split over ranks and DataLoader workers, deterministic shuffling, resumable in the
+  middle of an epoch.
+* :class:`JuiceDataLoader` — a ``torch.utils.data.DataLoader`` that reports, batch by batch, how
+  far each worker has got, so that ``JuiceIterableDataset.state_dict()`` is exact with workers.
+
+Only the public :class:`~torchjuice.volume.Volume` API and the ``juice://`` helpers are used: each
+process (each DataLoader worker, forked or spawned) resolves its own volume with ``volume_for``; a
+dataset pickles as its URLs and options. See ``docs/datasets.md`` for the user guide.
+"""
+from __future__ import annotations
+
+import array
+import collections
+import json
+import logging
+import os
+import posixpath
+import random
+import re
+import tarfile
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from .volume import open_url, split_url, volume_for
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+MANIFEST_FORMAT = "torchjuice-manifest"
+
+
+# -- error handlers (the webdataset convention: return True to go on, False to stop, or raise) -----
+def reraise_exception(exn: BaseException) -> bool:
+    """The default handler: every error propagates to the training loop."""
+    raise exn
+
+
+def warn_and_continue(exn: BaseException) -> bool:
+    """Log the error at WARNING on the ``torchjuice.data`` logger and go on with the next shard
+    (for a shard error) or the next sample (for a ``transform`` error)."""
+    log.warning("%s: %s (skipped)", type(exn).__name__, exn)
+    return True
+
+
+def warn_and_stop(exn: BaseException) -> bool:
+    """Log the error and end this worker's iteration (the epoch ends early for it)."""
+    log.warning("%s: %s (stopping this worker's iteration)", type(exn).__name__, exn)
+    return False
+
+
+def _handle(handler: Callable | None, exn: BaseException) -> bool:
+    return (handler or reraise_exception)(exn)
+
+
+class ShardError(OSError):
+    """A shard that cannot be read as a tar archive: a truncated or corrupt header, a member cut
+    short by the end of the file. The message names the shard, the member and the byte offset."""
+
+
+# -- URLs --------------------------------------------------------------------------------------------
+_BRACE_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand shell-style braces: ``a-{000..002}.tar`` -> ``a-000.tar a-001.tar a-002.tar`` (zero
+    padding kept, optional step ``{0..10..2}``), ``{x,y}`` alternatives, several groups, nesting.
+    A brace group with neither ``..`` nor ``,`` is kept as written."""
+    start = pattern.find("{")
+    while start != -1:
+        depth, end = 0, -1
+        for i in range(start, len(pattern)):
+            c = pattern[i]
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    end = i
+                    break
+        if end == -1:
+            raise ValueError(f"unbalanced braces in {pattern!r}")
+        body, head, tail = pattern[start + 1:end], pattern[:start], pattern[end + 1:]
+        m = _BRACE_RANGE.match(body)
+        if m:
+            a, b = int(m.group(1)), int(m.group(2))
+            step = abs(int(m.group(3) or 1)) or 1
+            width = max(len(m.group(1)), len(m.group(2))) \
+                if (m.group(1).lstrip("-").startswith("0") or m.group(2).lstrip("-").startswith("0")) else 0
+            seq = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
+            return [x for n in seq for x in expand_braces(f"{head}{n:0{width}d}{tail}")]
+        parts, depth, cur = [], 0, []
+        for c in body:
+            if c == "," and depth == 0:
+                parts.append("".join(cur))
+                cur = []
+                continue
+            depth += c == "{"
+            depth -= c == "}"
+            cur.append(c)
+        parts.append("".join(cur))
+        if len(parts) > 1:
+            return [x for p in parts for x in expand_braces(f"{head}{p}{tail}")]
+        start = pattern.find("{", end + 1)     # a literal {x}: look further on
+    return [pattern]
+
+
+class _Volumes:
+    """This process's volumes for ``juice://`` URLs. Pickles as the ``meta`` option only; after a
+    fork or in a spawned worker each volume is resolved again through ``volume_for``."""
+
+    def __init__(self, meta: str | None = None):
+        self.meta = meta
+        self._pid = -1
+        self._vols: dict = {}
+
+    def __getstate__(self):
+        return {"meta": self.meta}
+
+    def __setstate__(self, state):
+        self.__init__(state["meta"])
+
+    def get(self, name: str):
+        if self._pid != os.getpid():
+            self._vols, self._pid = {}, os.getpid()
+        vol = self._vols.get(name)
+        if vol is None or vol.closed:
+            vol = self._vols[name] = volume_for(name, self.meta)
+        return vol
+
+    def locate(self, url: str):
+        name, path = split_url(url)
+        return self.get(name), path
+
+
+def list_files(url: str, meta: str | None = None) -> list[tuple[str, int]]:
+    """``(url, size)`` of every regular file under ``url`` (a directory, walked recursively, or a
+    single file), sorted by URL. One ``scandir`` (one metadata call) per directory; symlinks are
+    not followed."""
+    name, path = split_url(url)
+    vol = volume_for(name, meta)
+    top = vol.norm(path)
+    attr = vol.getattr(top)
+    if attr.is_file:
+        return [(f"juice://{name}{top}", attr.length)]
+    if not attr.is_dir:
+        raise OSError(f"{url} is neither a file nor a directory")
+    out: list[tuple[str, int]] = []
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        for entry, a in vol.scandir(d):
+            p = posixpath.join(d, entry)
+            if a.is_dir:
+                stack.append(p)
+            elif a.is_file:
+                out.append((f"juice://{name}{p}", a.length))
+    out.sort()
+    return out
+
+
+def _is_juice(url) -> bool:
+    return isinstance(url, str) and url.startswith("juice://")
+
+
+def _check_url(url) -> str:
+    split_url(url)          # raises InvalidURLError naming the bad URL
+    return url
+
+
+class UrlIndex(Sequence):
+    """A compact, read-only list of URLs (and sizes, -1 when unknown): one UTF-8 blob and two
+    arrays, so a DataLoader worker holds a few Python objects instead of one per file (no
+    copy-on-write growth of forked workers), and pickling is fast."""
+
+    def __init__(self, urls: Iterable[str], sizes: Iterable[int] | None = None):
+        urls = list(urls)
+        enc = [u.encode() for u in urls]
+        self._blob = b"".join(enc)
+        self._ends = array.array("q")
+        pos = 0
+        for e in enc:
+            pos += len(e)
+            self._ends.append(pos)
+        self._sizes = array.array("q", sizes if sizes is not None else [-1] * len(urls))
+        if len(self._sizes) != len(urls):
+            raise ValueError("one size per URL")
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self._ends)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} files")
+        start = self._ends[i - 1] if i else 0
+        return self._blob[start:self._ends[i]].decode()
+
+    def size(self, i: int) -> int:
+        return self._sizes[i]
+
+    @property
+    def total_size(self) -> int:
+        return sum(s for s in self._sizes if s > 0)
+
+
+# -- map-style ---------------------------------------------------------------------------------------
+class JuiceDataset(Dataset):
+    """Map-style dataset: item ``i`` is the content of the ``i``-th file.
+
+    ``url_or_list`` is a directory URL (every regular file under it, recursively, sorted by URL;
+    listed with one metadata call per directory), a brace pattern
+    (``juice://vol/img/{00000..09999}.jpg``) or a list of ``juice://`` URLs (kept in the given order,
+    not checked until read).
+
+    An item is ``transform(raw)`` (``raw`` when ``transform`` is None), where ``raw`` is the file's
+    ``bytes`` — or the pair ``(url, bytes)`` with ``with_url=True`` (for labels taken from the
+    path). Each item is one open + one read; ``DataLoader`` batches are read in parallel threads
+    (``__getitems__``), ``io_threads`` at a time. Works with any sampler, ``DistributedSampler``
+    included. ``ds.urls[i]`` is the URL of item ``i``.
+    """
+
+    def __init__(self, url_or_list, transform: Callable | None = None, *, with_url: bool = False,
+                 meta: str | None = None, io_threads: int = 16):
+        self.transform = transform
+        self.with_url = with_url
+        self.io_threads = io_threads
+        self._vols = _Volumes(meta)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+        if url_or_list is None:             # from_manifest fills the index
+            self.urls = UrlIndex([])
+            return
+        if isinstance(url_or_list, str):
+            if "{" in url_or_list:
+                urls = [_check_url(u) for u in expand_braces(url_or_list)]
+                self.urls = UrlIndex(urls)
+            else:
+                files = list_files(url_or_list, meta)
+                if not files:
+                    raise ValueError(f"no files under {url_or_list}")
+                self.urls = UrlIndex((u for u, _ in files), (s for _, s in files))
+        else:
+            urls = [_check_url(u) for u in url_or_list]
+            if not urls:
+                raise ValueError("JuiceDataset: the list of URLs is empty")
+            self.urls = UrlIndex(urls)
+
+    @property
+    def meta(self) -> str | None:
+        return self._vols.meta
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def __repr__(self) -> str:
+        return f"<JuiceDataset {len(self)} files>"
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_pool"], state["_pool_pid"] = None, -1
+        return state
+
+    def _read(self, i: int):
+        url = self.urls[i]
+        vol, path = self._vols.locate(url)
+        data = vol.read_bytes(path)
+        raw = (url, data) if self.with_url else data
+        return self.transform(raw) if self.transform is not None else raw
+
+    def __getitem__(self, i: int):
+        return self._read(int(i))
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        """A batch of items, read ``io_threads`` at a time (the DataLoader calls this)."""
+        indices = [int(i) for i in indices]
+        if len(indices) <= 1 or self.io_threads <= 1:
+            return [self._read(i) for i in indices]
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(self.io_threads, "tj-dataset")
+            self._pool_pid = os.getpid()
+        return list(self._pool.map(self._read, indices))
+
+    # manifests: the index saved once, loaded without listing again
+    def save_manifest(self, path_or_url: str) -> None:
+        """Write the index (URLs and sizes) as JSON to a local path or a ``juice://`` URL,
+        atomically (a temporary name, then a rename)."""
+        doc = {"format": MANIFEST_FORMAT, "version": 1, "count": len(self.urls),
+               "files": [[self.urls[i], self.urls.size(i)] for i in range(len(self.urls))]}
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        tmp_suffix = f".tmp-{os.getpid()}-{threading.get_ident()}"
+        if _is_juice(path_or_url):
+            vol, path = self._vols.locate(path_or_url)
+            vol.write_bytes(path + tmp_suffix, data)
+            vol.rename(path + tmp_suffix, path)
+        else:
+            with open(path_or_url + tmp_suffix, "wb") as f:
+                f.write(data)
+            os.replace(path_or_url + tmp_suffix, path_or_url)
+
+    @classmethod
+    def from_manifest(cls, path_or_url: str, transform: Callable | None = None, *,
+                      meta: str | None = None, **kwargs) -> "JuiceDataset":
+        """A dataset over the files a manifest lists (see :meth:`save_manifest`), in its order."""
+        if _is_juice(path_or_url):
+            with open_url(path_or_url, "rb", meta=meta) as f:
+                raw = f.read()
+        else:
+            with open(path_or_url, "rb") as f:
+                raw = f.read()
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != MANIFEST_FORMAT:
+                raise ValueError("not a torchjuice manifest")
+            files = doc["files"]
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path_or_url}: not a torchjuice manifest ({e})") from None
+        ds = cls(None, transform, meta=meta, **kwargs)
+        ds.urls = UrlIndex((_check_url(u) for u, _ in files), (int(s) for _, s in files))
+        return ds
+
+
+# -- shards --------------------------------------------------------------------------------------------
+def _resolve_shards(urls, meta: str | None, handler) -> list[tuple[str, int]]:
+    """``(url, size)`` of each shard: brace patterns expanded, directories listed (recursively,
+    sorted), every named file checked with one ``scandir`` per parent directory."""
+    if isinstance(urls, str):
+        named = expand_braces(urls)
+    else:
+        named = [u for x in urls for u in (expand_braces(x) if isinstance(x, str) else [x])]
+    if not named:
+        raise ValueError("JuiceIterableDataset: no shard URLs given")
+    for u in named:
+        _check_url(u)
+    vols = _Volumes(meta)
+    by_dir: dict[tuple[str, str], dict] = {}
+    for u in named:
+        name, path = split_url(u)
+        vol = vols.get(name)
+        p = vol.norm(path)
+        key = (name, posixpath.dirname(p))
+        if key not in by_dir:
+            try:
+                by_dir[key] = dict(vol.scandir(key[1])) if p != "/" else {}
+            except (FileNotFoundError, NotADirectoryError):
+                by_dir[key] = {}
+    out: list[tuple[str, int]] = []
+    missing: list[str] = []
+    for u in named:
+        name, path = split_url(u)
+        p = vols.get(name).norm(path)
+        attr = by_dir[(name, posixpath.dirname(p))].get(posixpath.basename(p)) if p != "/" else None
+        if p == "/" or (attr is not None and attr.is_dir) or (attr is not None and attr.is_symlink):
+            files = list_files(u, meta)           # a directory (or a link): every file under it
+            if not files and not (attr is not None and attr.is_symlink):
+                raise ValueError(f"no files under {u}")
+            out.extend(files)
+        elif attr is None:
+            missing.append(u)
+        else:
+            out.append((f"juice://{name}{p}", attr.length))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        exn = FileNotFoundError(f"{len(missing)} of {len(named)} shards not found: {shown}")
+        _handle(handler, exn)           # raises by default; else the missing shards are dropped
+    if not out:
+        raise ValueError(f"no shards to read in {urls!r}")
+    return out
+
+
+def _is_tar(url: str) -> bool:
+    return url.endswith(".tar")
+
+
+def _split_name(fname: str) -> tuple[str, str] | None:
+    """WebDataset's convention: the key is the path up to the first dot of the basename, the
+    field is the rest (lower-cased). None for a name without a dot."""
+    d, _, base = fname.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        if sp == -1:
+            break
+        try:
+            n = int(data[pos:sp])
+        except ValueError:
+            raise ValueError("bad pax header record") from None
+        if n <= 0:
+            break
+        rec = data[sp + 1:pos + n].rstrip(b"\n")
+        k, _, v = rec.partition(b"=")
+        out[k.decode("utf-8", "replace")] = v.decode("utf-8", "replace")
+        pos += n
+    return out
+
+
+class _Windows:
+    """Bytes of one shard arriving as successive windows; exact reads across window edges (only
+    the bytes that straddle an edge are copied twice)."""
+
+    def __init__(self, windows: Iterator):
+        self._it = windows
+        self._buf = memoryview(b"")
+        self._pos = 0
+        self.offset = 0            # bytes consumed from the shard
+
+    def _next_window(self) -> bool:
+        for w in self._it:
+            if isinstance(w, BaseException):
+                raise w
+            if len(w):
+                self._buf, self._pos = memoryview(w), 0
+                return True
+        return False
+
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, or fewer at the end of the shard."""
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos >= n:
+            self._pos = pos + n
+            self.offset += n
+            return bytes(buf[pos:pos + n])
+        parts = [bytes(buf[pos:])]
+        need = n - len(parts[0])
+        while need > 0 and self._next_window():
+            take = self._buf[:need]
+            parts.append(bytes(take))
+            self._pos = len(take)
+            need -= len(take)
+        if need > 0:
+            self._buf, self._pos = memoryview(b""), 0
+        out = b"".join(parts)
+        self.offset += len(out)
+        return out
+
+    def skip(self, n: int) -> int:
+        done = 0
+        while done < n:
+            avail = len(self._buf) - self._pos
+            if avail == 0:
+                if not self._next_window():
+                    break
+                continue
+            k = min(n - done, avail)
+            self._pos += k
+            done += k
+        self.offset += done
+        return done
+
+
+def iter_tar(url: str, windows: Iterator) -> Iterator[tuple[str, bytes]]:
+    """``(member name, bytes)`` of each regular file in an uncompressed tar stream. Raises
+    :class:`ShardError` (naming the shard, member and offset) for a truncated or corrupt archive."""
+    src = _Windows(windows)
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        at = src.offset
+        buf = src.read(tarfile.BLOCKSIZE)
+        if not buf:
+            return                                      # end of file right after a member: fine
+        if len(buf) < tarfile.BLOCKSIZE:
+            raise ShardError(f"{url}: truncated tar header at byte {at}")
+        if buf.count(0) == tarfile.BLOCKSIZE:
+            return                                      # end-of-archive marker
+        try:
+            info = tarfile.TarInfo.frombuf(buf, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise ShardError(f"{url}: corrupt tar header at byte {at} ({e})") from None
+        size = info.size
+        if "size" in pax:
+            size = int(pax["size"])
+        padded = (size + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
+        name = long_name or pax.get("path") or info.name
+        kind = info.type
+        if kind in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                    tarfile.GNUTYPE_LONGLINK, tarfile.SOLARIS_XHDTYPE):
+            data = src.read(size)
+            if len(data) < size or src.skip(padded - size) < padded - size:
+                raise ShardError(f"{url}: truncated tar archive: extended header at byte {at} "
+                                 f"cut short")
+            if kind == tarfile.GNUTYPE_LONGNAME:
+                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            elif kind in (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE):
+                try:
+                    pax = _parse_pax(data)
+                except ValueError as e:
+                    raise ShardError(f"{url}: corrupt pax header at byte {at} ({e})") from None
+            continue
+        long_name, pax = None, {}
+        if kind in tarfile.REGULAR_TYPES and kind != tarfile.GNUTYPE_SPARSE:
+            data = src.read(size)
+            if len(data) < size:
+                raise ShardError(f"{url}: truncated tar member {name!r}: {len(data)} of {size} "
+                                 f"bytes before the end of the file (member header at byte {at})")
+            if src.skip(padded - size) < padded - size:
+                raise ShardError(f"{url}: truncated tar archive after member {name!r}")
+            yield name, data
+        else:                                           # directories, links, devices: no sample
+            if src.skip(padded) < padded:
+                raise ShardError(f"{url}: truncated tar archive at member {name!r}")
+
+
+def group_samples(url: str, members: Iterable[tuple[str, bytes]]) -> Iterator[dict]:
+    """WebDataset grouping: consecutive members with the same key form one sample
+    ``{"__key__": key, "__url__": url, field: bytes, ...}``. A member name without an extension
+    cannot be a field: it is skipped with a warning; a field twice in one sample is an error."""
+    cur: dict | None = None
+    for fname, data in members:
+        kf = _split_name(fname)
+        if kf is None:
+            log.warning("%s: member %r has no extension (key.field); skipped", url, fname)
+            continue
+        key, field = kf
+        if cur is not None and cur["__key__"] == key:
+            if field in cur:
+                raise ShardError(f"{url}: duplicate field {field!r} in sample {key!r}")
+            cur[field] = data
+            continue
+        if cur is not None:
+            yield cur
+        cur = {"__key__": key, "__url__": url, field: data}
+    if cur is not None:
+        yield cur
+
+
+def _shard_error(exn: Exception, url: str, count: int) -> Exception:
+    """The error of a shard, naming it and how many of its samples came before the error."""
+    note = f" ({count} samples of this shard were read before the error)" if count else ""
+    if isinstance(exn, ShardError):
+        err: Exception = ShardError(f"{exn}{note}")
+    elif isinstance(exn, OSError) and exn.errno:
+        try:
+            err = type(exn)(exn.errno, f"{exn.strerror}{note}", url)
+        except Exception:
+            err = ShardError(f"{url}: {exn}{note}")
+    else:
+        err = ShardError(f"{url}: {type(exn).__name__}: {exn}{note}")
+    err.__cause__ = exn
+    return err
+
+
+def _whole_file_sample(url: str, data: bytes) -> dict:
+    path = split_url(url)[1]
+    kf = _split_name(path.rsplit("/", 1)[-1])
+    d = posixpath.dirname(path)
+    if kf is None:
+        return {"__key__": path, "__url__": url, "data": data}
+    return {"__key__": posixpath.join(d, kf[0]), "__url__": url, kf[1]: data}
+
+
+class _Unit(collections.namedtuple("_Unit", "shard url offset length last")):
+    """One read of the prefetch pipeline: ``length`` bytes at ``offset`` (-1: to the end)."""
+
+
+class Prefetcher:
+    """Reads units (whole files, or windows of shards) ahead of the consumer on a small thread
+    pool, ``max_bytes`` at most in flight, and hands them back in order as ``(unit, data)`` —
+    ``data`` is the exception when a read failed. Only the Volume API is used (one open per unit)."""
+
+    def __init__(self, vols: _Volumes, units: Iterable[_Unit], threads: int = 8,
+                 max_bytes: int = 64 * MiB, max_units: int = 64):
+        self._vols = vols
+        self._units = iter(units)
+        self._pending: collections.deque = collections.deque()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._max_units = max_units
+        self._pool = ThreadPoolExecutor(max(1, threads), "tj-prefetch")
+        self._done = False
+        self._fill()
+
+    def _estimate(self, u: _Unit) -> int:
+        return u.length if u.length > 0 else 1 * MiB
+
+    def _fill(self) -> None:
+        while not self._done and len(self._pending) < self._max_units and \
+                (not self._pending or self._bytes < self._max_bytes):
+            u = next(self._units, None)
+            if u is None:
+                self._done = True
+                break
+            self._pending.append((u, self._pool.submit(self._read, u)))
+            self._bytes += self._estimate(u)
+
+    def _read(self, u: _Unit):
+        vol, path = self._vols.locate(u.url)
+        if u.offset == 0 and u.length < 0:
+            return vol.read_bytes(path)
+        with vol.open(path, "rb", buffering=0) as f:
+            f.seek(u.offset)
+            if u.length < 0:
+                return f.readall()
+            buf = bytearray(u.length)
+            view, got = memoryview(buf), 0
+            while got < u.length:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            if got < u.length:
+                del view
+                del buf[got:]
+            return buf
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self._pending:
+            raise StopIteration
+        u, fut = self._pending.popleft()
+        self._bytes -= self._estimate(u)
+        try:
+            data = fut.result()
+        except BaseException as e:              # handed to the consumer, raised there
+            data = e
+        self._fill()
+        return u, data
+
+    def close(self) -> None:
+        self._done = True
+        self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def plan_units(shards: Sequence[tuple[str, int]], order: Iterable[int], read_size: int):
+    """The reads of a list of shards: windows of ``read_size`` for tar shards (the last window
+    reads to the end, so a file that grew since it was listed is read whole), one read per file
+    otherwise."""
+    for sid in order:
+        url, size = shards[sid]
+        if not _is_tar(url) or size <= read_size:
+            yield _Unit(sid, url, 0, -1, True)
+            continue
+        off = 0
+        while off + read_size < size:
+            yield _Unit(sid, url, off, read_size, False)
+            off += read_size
+        yield _Unit(sid, url, off, -1, True)
+
+
+def _shard_windows(reader: Prefetcher, first: tuple) -> Iterator:
+    """The windows of one shard from the reader, starting with ``first`` (already taken)."""
+    u, data = first
+    yield data
+    while not u.last:
+        u, data = next(reader)
+        yield data
+
+
+# -- iterable ------------------------------------------------------------------------------------------
+_SLOT_EPOCH, _SLOT_GEN, _SLOT_WORKERS_SEEN, _SLOT_RESUME_EPOCH, _SLOT_RESUME_NW = range(5)
+_MAX_WORKERS = 1024
+_SLOTS = 5 + _MAX_WORKERS
+
+
+class JuiceIterableDataset(IterableDataset):
+    """Streams samples from tar shards (or whole files) in a volume.
+
+    ``urls``: a brace pattern (``juice://vol/shards/train-{000000..000099}.tar``), a list of URLs
+    (each may be a pattern or a directory), or a directory (every file under it, sorted). A
+    ``.tar`` file is a shard of WebDataset samples; any other file is one sample.
+
+    A sample is a dict: ``{"__key__": key, "__url__": shard URL, "jpg": bytes, "cls": bytes, ...}``
+    — tar members grouped by key (the member path up to the first dot of its basename; the field
+    is the rest, lower-cased). A whole file gives ``{"__key__": path without extension, "__url__":
+    url, ext: bytes}`` (``"data"`` when the name has no extension). Items are
+    ``transform(sample)`` when ``transform`` is given.
+
+    Order: shard ``i`` of the (per epoch, deterministically shuffled) shard list goes to rank
+    ``i % world_size``; a rank's shards are dealt to its DataLoader workers the same way; each
+    worker reads its shards in order with ``buffer_size`` samples of shuffle buffer. Everything is a
+    function of ``(seed, epoch, rank, world_size, num_workers)``: each sample is read exactly once
+    per epoch over all ranks and workers, and the same seed and epoch give the same order. Call
+    :meth:`set_epoch` before each epoch (as with ``DistributedSampler``); it reaches persistent
+    workers too (shared memory).
+
+    Resume: :meth:`state_dict` records how many samples each worker has produced;
+    :meth:`load_state_dict` makes the next pass skip exactly those (their shards are read again,
+    not yielded). With DataLoader workers, iterate through :class:`JuiceDataLoader` so the main
+    process knows what each worker has delivered.
+
+    Errors: ``handler`` decides (webdataset convention): the default raises; ``warn_and_continue``
+    logs and skips the shard (rest of it) or the sample whose ``transform`` failed.
+
+    Reading: each worker reads ahead on ``io_threads`` threads, up to ``prefetch_bytes`` in
+    flight, shards in windows of ``read_size`` — the next shard is fetched while this one is parsed.
+    """
+
+    def __init__(self, urls, shuffle: bool = False, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, *, buffer_size: int = 1000,
+                 transform: Callable | None = None, handler: Callable | None = None,
+                 meta: str | None = None, read_size: int = 8 * MiB,
+                 prefetch_bytes: int = 64 * MiB, io_threads: int = 8):
+        super().__init__()
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.buffer_size = int(buffer_size)
+        self.transform = transform
+        self.handler = handler
+        self.read_size = max(64 << 10, int(read_size))
+        self.prefetch_bytes = int(prefetch_bytes)
+        self.io_threads = int(io_threads)
+        self._rank, self._world = rank, world_size
+        self._explicit_rank = rank is not None
+        self._vols = _Volumes(meta)
+        self.shards: list[tuple[str, int]] = _resolve_shards(urls, meta, handler)
+        self._fingerprint = zlib.crc32("\n".join(u for u, _ in self.shards).encode())
+        # epoch, resume and "read by workers" live in shared memory: a set_epoch or a
+        # load_state_dict in the main process reaches persistent workers
+        self._shared = torch.zeros(_SLOTS, dtype=torch.int64).share_memory_()
+        self._applied_gen = 0               # the last resume generation this copy has used
+        self._progress: dict[int, int] = {}  # worker -> samples produced in this pass (this process)
+        self._progress_epoch = 0
+        self._progress_workers = 1
+        self._loader: dict | None = None    # what a JuiceDataLoader reported (main process)
+        self._local_resume: tuple | None = None
+        self._resolve_rank()
+
+    @property
+    def meta(self) -> str | None:
+        return self._vols.meta
+
+    def __repr__(self) -> str:
+        return f"<JuiceIterableDataset {len(self.shards)} shards shuffle={self.shuffle}>"
+
+    # -- ranks -------------------------------------------------------------------------------------
+    def _resolve_rank(self) -> tuple[int, int]:
+        if not self._explicit_rank:
+            dist = torch.distributed
+            if dist.is_available() and dist.is_initialized():
+                self._rank, self._world = dist.get_rank(), dist.get_world_size()
+            elif self._rank is None:
+                self._rank, self._world = 0, 1
+        return self._rank, self._world
+
+    def __getstate__(self):
+        self._resolve_rank()                # a spawned worker has no process group: take ours
+        state = self.__dict__.copy()
+        state["_loader"] = None
+        return state
+
+    # -- epochs and state ----------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return int(self._shared[_SLOT_EPOCH])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next pass follows (and forget this epoch's progress)."""
+        epoch = int(epoch)
+        if epoch != self.epoch:
+            self._progress, self._loader = {}, None
+        self._shared[_SLOT_EPOCH] = epoch
+
+    def _config(self) -> dict:
+        rank, world = self._resolve_rank()
+        return {"seed": self.seed, "shuffle": self.shuffle, "buffer_size": self.buffer_size,
+                "rank": rank, "world_size": world, "shards": len(self.shards),
+                "fingerprint": self._fingerprint}
+
+    def state_dict(self) -> dict:
+        """Where this rank's pass stands: the epoch and, per worker, how many samples it has
+        produced (a ``JuiceDataLoader`` counts those delivered to the training loop; direct
+        iteration counts those handed out). Plain ints: save it with the checkpoint."""
+        if self._loader is not None and self._loader["epoch"] == self.epoch:
+            nw, pos = self._loader["num_workers"], self._loader["positions"]
+        elif self._progress and self._progress_epoch == self.epoch:
+            nw, pos = self._progress_workers, self._progress
+        elif int(self._shared[_SLOT_WORKERS_SEEN]) and get_worker_info() is None:
+            raise RuntimeError(
+                "JuiceIterableDataset.state_dict(): this dataset is read by DataLoader worker "
+                "processes, whose progress this process cannot see; iterate it through "
+                "torchjuice.data.JuiceDataLoader (same arguments as DataLoader) to make it resumable")
+        else:                               # nothing read yet: the start (or a pending resume)
+            resume = self._pending_resume()
+            nw, pos = (resume if resume is not None else (1, {}))
+        return {"version": 1, "epoch": self.epoch, **self._config(), "num_workers": nw,
+                "positions": [int(pos.get(w, 0)) for w in range(nw)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume: the next pass is ``state``'s epoch without the samples it had produced. The
+        shards, seed, shuffle settings and rank/world size must be those of the saved run; the
+        DataLoader must have the same number of workers (checked when the pass starts)."""
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise ValueError("not a JuiceIterableDataset state_dict")
+        mine = self._config()
+        for k, v in mine.items():
+            if state.get(k) != v:
+                raise ValueError(f"cannot resume: the state was saved with {k}={state.get(k)!r}, "
+                                 f"this dataset has {k}={v!r}")
+        nw = int(state["num_workers"])
+        positions = [int(p) for p in state["positions"]]
+        if not 1 <= nw <= _MAX_WORKERS or len(positions) != nw:
+            raise ValueError("corrupt state_dict: num_workers and positions disagree")
+        epoch = int(state["epoch"])
+        self._progress, self._loader = {}, None
+        if get_worker_info() is not None:   # inside a worker (torchdata's StatefulDataLoader):
+            self._local_resume = (epoch, nw, positions)       # this copy only
+            return
+        sh = self._shared
+        sh[_SLOT_EPOCH] = epoch
+        if not any(positions):              # the start of an epoch: any worker count will do
+            return
+        sh[_SLOT_RESUME_EPOCH] = epoch
+        sh[_SLOT_RESUME_NW] = nw
+        sh[5:5 + nw] = torch.tensor(positions, dtype=torch.int64)
+        sh[_SLOT_GEN] = int(sh[_SLOT_GEN]) + 1
+
+    def _pending_resume(self) -> tuple[int, dict] | None:
+        """``(num_workers, {worker: skip})`` when a loaded state applies to the next pass."""
+        sh = self._shared
+        gen = int(sh[_SLOT_GEN])
+        if gen <= self._applied_gen or int(sh[_SLOT_RESUME_EPOCH]) != int(sh[_SLOT_EPOCH]):
+            return None
+        nw = int(sh[_SLOT_RESUME_NW])
+        return nw, {w: int(sh[5 + w]) for w in range(nw)}
+
+    # -- reading -------------------------------------------------------------------------------------
+    def worker_shards(self, epoch: int, rank: int, world_size: int, worker: int,
+                      num_workers: int) -> list[int]:
+        """Indexes (into ``self.shards``) of the shards one worker reads in an epoch, in order."""
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            random.Random(f"{self.seed}:{epoch}:shards").shuffle(order)
+        return order[rank::world_size][worker::num_workers]
+
+    def _source(self, sids: list[int]) -> Iterator[dict]:
+        """Samples of the worker's shards, in order, before the shuffle buffer."""
+        reader = Prefetcher(self._vols, plan_units(self.shards, sids, self.read_size),
+                            self.io_threads, self.prefetch_bytes)
+        try:
+            while True:
+                try:
+                    first = next(reader)
+                except StopIteration:
+                    return
+                url = first[0].url
+                windows = _shard_windows(reader, first)
+                count = 0
+                try:
+                    if _is_tar(url):
+                        for sample in group_samples(url, iter_tar(url, windows)):
+                            count += 1
+                            yield sample
+                    else:
+                        data = next(windows)
+                        if isinstance(data, BaseException):
+                            raise data
+                        count = 1
+                        yield _whole_file_sample(url, bytes(data))
+                except Exception as exn:
+                    if not _handle(self.handler, _shard_error(exn, url, count)):
+                        return
+                for _ in windows:       # what is left of this shard after an error
+                    pass
+        finally:
+            reader.close()
+
+    def _shuffled(self, source: Iterator, rng: random.Random) -> Iterator:
+        n = self.buffer_size
+        buf: list = []
+        for s in source:
+            if len(buf) < n:
+                buf.append(s)
+                continue
+            i = rng.randrange(n)
+            out, buf[i] = buf[i], s
+            yield out
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            self._shared[_SLOT_WORKERS_SEEN] = 1
+        rank, world = self._resolve_rank()
+        if len(self.shards) < world:
+            raise ValueError(f"{len(self.shards)} shards cannot be split over {world} ranks: each "
+                             "rank needs at least one shard (write more, smaller shards)")
+        epoch = self.epoch
+        skip = 0
+        resume = self._pending_resume()
+        local = self._local_resume
+        if local is not None and local[0] == epoch:
+            resume = (local[1], dict(enumerate(local[2])))
+            self._local_resume = None
+        if resume is not None:
+            nw, positions = resume
+            if nw != num_workers:
+                raise ValueError(f"cannot resume: the state was saved with {nw} DataLoader "
+                                 f"workers, this pass has {num_workers}; use num_workers={nw} "
+                                 "(the order depends on the number of workers)")
+            skip = positions.get(worker, 0)
+        self._applied_gen = int(self._shared[_SLOT_GEN])
+        sids = self.worker_shards(epoch, rank, world, worker, num_workers)
+        if not sids:
+            log.warning("rank %d worker %d of %d has no shard to read (%d shards for %d ranks x %d "
+                        "workers): it yields nothing this epoch", rank, worker, num_workers,
+                        len(self.shards), world, num_workers)
+        self._progress = {worker: skip}
+        self._progress_epoch, self._progress_workers = epoch, num_workers
+        return self._generate(sids, rank, worker, epoch, skip)
+
+    def _generate(self, sids, rank, worker, epoch, skip) -> Iterator:
+        inner = source = self._source(sids)
+        if self.shuffle and self.buffer_size > 1:
+            rng = random.Random(f"{self.seed}:{epoch}:{rank}:{worker}:samples")
+            source = self._shuffled(inner, rng)
+        progress = self._progress
+        pos = 0
+        try:
+            for sample in source:
+                pos += 1
+                if pos <= skip:
+                    continue
+                progress[worker] = pos
+                if self.transform is None:
+                    yield sample
+                    continue
+                try:
+                    item = self.transform(sample)
+                except Exception as exn:
+                    exn.args = (*exn.args, f"transform of sample {sample.get('__key__')!r} of "
+                                           f"{sample.get('__url__')}")
+                    if _handle(self.handler, exn):
+                        continue
+                    return
+                yield item
+        finally:
+            source.close()
+            inner.close()
+
+    def _position(self, worker: int) -> int:
+        return int(self._progress.get(worker, 0))
+
+
+# -- a DataLoader that knows what each worker delivered ---------------------------------------------
+class _Tracked(collections.namedtuple("_Tracked", "batch worker position epoch")):
+    """A batch with the position of its worker's stream after it (a namedtuple, so that
+    ``pin_memory`` pins the batch inside)."""
+
+
+class _TrackingCollate:
+    def __init__(self, collate_fn, dataset: JuiceIterableDataset):
+        self.collate_fn = collate_fn
+        self._dataset = dataset          # main process (num_workers=0) only: not pickled
+
+    def __getstate__(self):
+        return {"collate_fn": self.collate_fn, "_dataset": None}
+
+    def __call__(self, data):
+        batch = self.collate_fn(data)
+        info = get_worker_info()
+        ds = info.dataset if info is not None else self._dataset
+        worker = info.id if info is not None else 0
+        return _Tracked(batch, worker, ds._position(worker), ds.epoch)
+
+
+class JuiceDataLoader(DataLoader):
+    """``torch.utils.data.DataLoader`` (same arguments) that, for a :class:`JuiceIterableDataset`,
+    passes with every batch how far its worker's stream has got, so that ``dataset.state_dict()``
+    taken in the training loop covers exactly the batches delivered so far — with any number of
+    workers, fork or spawn, persistent or not, ``pin_memory``, ``in_order=False``. Batches and
+    everything else are unchanged; other datasets are passed through untouched."""
+
+    def __init__(self, dataset, *args, **kwargs):
+        super().__init__(dataset, *args, **kwargs)
+        if isinstance(dataset, JuiceIterableDataset):
+            self.collate_fn = _TrackingCollate(self.collate_fn, dataset)
+
+    def __iter__(self):
+        ds = self.dataset
+        if not isinstance(ds, JuiceIterableDataset):
+            return super().__iter__()
+        return self._tracked_iter(ds)
+
+    def _tracked_iter(self, ds: JuiceIterableDataset):
+        nw = max(1, self.num_workers)
+        resume = ds._pending_resume()
+        positions = dict(resume[1]) if resume is not None and resume[0] == nw else {}
+        epoch = ds.epoch
+        ds._loader = report = {"epoch": epoch, "num_workers": nw, "positions": positions}
+        it = super().__iter__()           # workers have their copies of the dataset now
+        if self.num_workers > 0:
+            ds._applied_gen = int(ds._shared[_SLOT_GEN])
+        for t in it:
+            if t.epoch == epoch:
+                report["positions"][t.worker] = max(t.position, report["positions"].get(t.worker, 0))
+            yield t.batch
+
+
+__all__ = ["JuiceDataset", "JuiceIterableDataset", "JuiceDataLoader", "ShardError", "UrlIndex",
+           "expand_braces", "list_files", "iter_tar", "group_samples", "reraise_exception",
+           "warn_and_continue", "warn_and_stop", "Prefetcher"]

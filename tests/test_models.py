@@ -385,9 +385,18 @@ def test_column_slice_reads_only_its_blocks(vol):
                                       "get_bytes": 8 * 131072}
 
 
-def test_tensor_parallel_ranks_read_their_share(vol):
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_tensor_parallel_ranks_read_their_share(store, request, tmp_path):
     """Four ranks: row-parallel 'w', column-parallel 'u'. Each rank reads its quarter of each
-    (plus its header request); together they read each byte once."""
+    (plus its header request); together they read each byte once. On S3 too, where the volume
+    reads ahead for sequential readers (the loader turns that off for its own reads)."""
+    tj.format(f"sqlite3://{tmp_path}/meta.db", "tp", storage=make_store_url(store, request, tmp_path),
+              block_size=BS)
+    with tj.connect("tp", cache_size=0) as vol:
+        _tensor_parallel(vol)
+
+
+def _tensor_parallel(vol):
     tensors = sliced_model()
     put(vol, "/m.safetensors", st.save(tensors))
     world, total = 4, 0

@@ -103,22 +103,31 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
 
-def _pieces(off: int, view: memoryview, bs: int) -> list[tuple[int, memoryview]]:
-    """Cut the file range ``[off, off+len(view))`` at block boundaries: one request each."""
+def _pieces(off: int, view: memoryview, bs: int) -> list[tuple[int, memoryview, int, int]]:
+    """Cut the file range ``[off, off+len(view))`` at block boundaries: ``(file_offset, base,
+    base_offset, length)`` pieces, one block request each."""
     out, pos, n = [], 0, len(view)
     while pos < n:
         k = min(n - pos, bs - (off + pos) % bs)
-        out.append((off + pos, view[pos:pos + k]))
+        out.append((off + pos, view, pos, k))
         pos += k
     return out
 
 
-def _group(pieces: list, min_bytes: int = 1 << 20) -> list[list]:
-    """Small pieces go together into one task (a task per block costs more than the block)."""
+def _group(pieces: list, min_bytes: int) -> list[list]:
+    """Tasks of at least ``min_bytes`` (a task per small piece costs more than the piece). Inside a
+    task, pieces that continue one another are one read."""
     tasks, cur, size = [], [], 0
     for p in pieces:
-        cur.append(p)
-        size += len(p[1])
+        if cur:
+            foff, base, pos, n = cur[-1]
+            if p[1] is base and p[0] == foff + n and p[2] == pos + n:
+                cur[-1] = (foff, base, pos, n + p[3])
+            else:
+                cur.append(p)
+        else:
+            cur.append(p)
+        size += p[3]
         if size >= min_bytes:
             tasks.append(cur)
             cur, size = [], 0
@@ -143,7 +152,7 @@ class _File:
         self._free: list = []
         self._all: list = []
         self.closed = False
-        h = vol.open(path, "rb", buffering=0)
+        h = self._open()
         self._all.append(h)
         try:
             self.inode = h.inode
@@ -155,13 +164,18 @@ class _File:
         self._free.append(h)
 
     # -- handles -----------------------------------------------------------------------------------
+    def _open(self):
+        # no readahead: every block this loader wants is already requested, in order, by its own
+        # pool; a prefetch would fetch blocks twice, or blocks nobody asked for (a sliced read)
+        return self.vol.open(self.path, "rb", buffering=0, readahead=False)
+
     def _take(self):
         with self._lock:
             if self.closed:
                 raise ValueError(f"{self.label}: file is closed")
             if self._free:
                 return self._free.pop()
-        h = self.vol.open(self.path, "rb", buffering=0)
+        h = self._open()
         if h.inode != self.inode:
             h.close()
             raise OSError(errno.ESTALE, f"{self.label} was replaced while being read", self.label)
@@ -187,11 +201,13 @@ class _File:
                 pass
 
     # -- reads -------------------------------------------------------------------------------------
-    def read_pieces(self, pieces: list[tuple[int, memoryview]]) -> None:
-        """Read each ``(file_offset, view)`` into its view (in this thread)."""
+    def read_pieces(self, pieces: list[tuple[int, memoryview, int, int]]) -> None:
+        """Read each ``(file_offset, base, base_offset, length)`` piece into its place (in this
+        thread)."""
         h = self._take()
         try:
-            for off, view in pieces:
+            for off, base, pos, n in pieces:
+                view = base[pos:pos + n]
                 h.seek(off)
                 got = 0
                 while got < len(view):
@@ -206,15 +222,15 @@ class _File:
     def submit(self, pool: ThreadPoolExecutor | None, pieces: list) -> list[tuple[int, Future]]:
         """Start reading ``pieces`` (in file order) on ``pool``; returns ``(end_offset, future)`` per
         task, in order. Without a pool (or for a little work) the reads run here and now."""
-        if pool is None or len(pieces) <= 1 and sum(len(v) for _, v in pieces) < (1 << 20):
-            self.read_pieces(pieces)
+        min_bytes = min(1 << 20, self.block_size)
+        if pool is None or len(pieces) <= 1 and sum(p[3] for p in pieces) < min_bytes:
+            self.read_pieces(_group(pieces, 1 << 62)[0] if pieces else [])
             done: Future = Future()
             done.set_result(None)
-            return [(pieces[-1][0] + len(pieces[-1][1]) if pieces else 0, done)]
+            return [(pieces[-1][0] + pieces[-1][3] if pieces else 0, done)]
         out = []
-        for task in _group(pieces, min(1 << 20, self.block_size)):
-            end = task[-1][0] + len(task[-1][1])
-            out.append((end, pool.submit(self.read_pieces, task)))
+        for task in _group(pieces, min_bytes):
+            out.append((task[-1][0] + task[-1][3], pool.submit(self.read_pieces, task)))
         return out
 
 
@@ -279,10 +295,11 @@ def _read_header(h, size: int, label: str) -> _Header:
     if 8 + n <= len(probe):
         raw = bytes(probe[8:8 + n])
     else:
-        rest = bytearray(8 + n - len(probe))
-        if h.readinto(rest) != len(rest):
+        raw = bytearray(n)
+        h.seek(8)
+        if h.readinto(raw) != n:
             raise OSError(errno.EIO, f"{label}: short read of the header", label)
-        raw = bytes(probe[8:]) + bytes(rest)
+        raw = bytes(raw)
     return parse_header(raw, size, label)
 
 

@@ -302,9 +302,10 @@ class Volume:
 
     # -- files ---------------------------------------------------------------------------------------
     def open(self, path: str, mode: str = "r", buffering: int = -1, encoding: str | None = None,
-             errors: str | None = None, newline: str | None = None):
+             errors: str | None = None, newline: str | None = None, *, readahead: bool = True):
         """Open a file like the built-in ``open``: binary modes give buffered binary files, text
-        modes an ``io.TextIOWrapper``. ``buffering=0`` gives the raw file (binary only)."""
+        modes an ``io.TextIOWrapper``. ``buffering=0`` gives the raw file (binary only).
+        ``readahead=False``: no prefetch for this handle (a caller that plans its own reads)."""
         bmode, read, write, append, create, trunc, excl = open_flags(mode)
         text = "b" not in mode
         if buffering == 0 and text:
@@ -332,7 +333,7 @@ class Volume:
         if trunc and attr.length:
             attr = self.meta.truncate(attr.inode, 0)
         raw = JuiceRawFile(self.meta, self.chunks, attr.inode, p, bmode, attr.length,
-                           read, write, append, self.max_readahead)
+                           read, write, append, self.max_readahead if readahead else 0)
         if buffering == 0:
             self._files.add(raw)
             return raw

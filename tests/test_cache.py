@@ -62,6 +62,7 @@ def test_reads_fill_the_cache_and_later_reads_hit_it(setup):
     writer.write_bytes("/f", data)
     vol = client()
     assert vol.read_bytes("/f") == data
+    vol.chunks.drain_cache_fill()                          # blocks are cached in the background
     m = vol.metrics()
     assert m["get_count"] == 4 and len(cache_files(vol)) == 4
     assert vol.read_bytes("/f") == data
@@ -75,7 +76,7 @@ def test_cache_survives_a_restart(setup):
     client(cache=None).write_bytes("/f", data_of(2 * MiB, 1))
     first = client()
     first.read_bytes("/f")
-    first.close()
+    first.close()                                          # finishes the queued cache writes
     second = client()
     assert second.read_bytes("/f") == data_of(2 * MiB, 1)
     assert second.metrics()["get_count"] == 0
@@ -87,6 +88,7 @@ def test_corrupt_cache_block_is_detected_dropped_and_refetched(setup):
     client(cache=None).write_bytes("/f", data)
     vol = client()
     vol.read_bytes("/f")
+    vol.chunks.drain_cache_fill()
     victim = sorted(cache_files(vol))[0]
     with open(victim, "r+b") as f:                        # flip one byte in the data
         f.seek(12345)
@@ -99,6 +101,7 @@ def test_corrupt_cache_block_is_detected_dropped_and_refetched(setup):
     m = vol.metrics()
     assert m["cache_corrupt"] == 1
     assert vol.read_bytes("/f") == data
+    vol.chunks.drain_cache_fill()
     with open(victim, "rb") as f:                         # refetched and cached again, intact
         assert f.read(MiB) in (data[:MiB], data[MiB:])
 
@@ -109,6 +112,7 @@ def test_truncated_cache_file_is_a_miss_not_wrong_data(setup):
     client(cache=None).write_bytes("/f", data)
     vol = client()
     vol.read_bytes("/f")
+    vol.chunks.drain_cache_fill()
     (victim,) = cache_files(vol)
     os.truncate(victim, 1000)
     assert vol.read_bytes("/f") == data
@@ -129,6 +133,7 @@ def test_cache_never_exceeds_its_cap(setup):
     for rnd in range(2):
         for i in range(6):
             assert vol.read_bytes(f"/f{i}") == data_of(2 * MiB, 10 + i)
+            vol.chunks.drain_cache_fill()
             assert on_disk(vol) <= cap
             assert vol.chunks.cache.usage() <= cap
     assert vol.metrics()["cache_evictions"] > 0
@@ -139,6 +144,7 @@ def test_block_bigger_than_the_cache_is_served_uncached(setup):
     client(cache=None).write_bytes("/f", data_of(MiB, 4))
     vol = client(cache_size=1000)
     assert vol.read_bytes("/f") == data_of(MiB, 4)
+    vol.chunks.drain_cache_fill()
     assert cache_files(vol) == [] and vol.metrics()["cache_skipped"] >= 1
 
 
@@ -153,6 +159,7 @@ def test_full_disk_while_caching_still_serves_the_data(setup, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(disk.os, "write", enospc)
     assert vol.read_bytes("/f") == data_of(2 * MiB, 5)
+    vol.chunks.drain_cache_fill()
     monkeypatch.undo()
     assert cache_files(vol) == [] and vol.metrics()["cache_skipped"] >= 2
 
@@ -335,6 +342,7 @@ def test_s3_volume_caches_by_default(tmp_path, s3_server):
     tj.format(f"sqlite3://{tmp_path}/m.db", "s3vol", storage=s3_server.url())
     with tj.connect("s3vol") as vol:
         vol.write_bytes("/a", data_of(5 * MiB, 12))
+        vol.chunks.drain_cache_fill()
         assert vol.cache_dir and vol.cache_dir.startswith(os.environ["TORCHJUICE_HOME"])
         assert vol.read_bytes("/a") == data_of(5 * MiB, 12)
         assert vol.metrics()["get_count"] == 0              # written blocks were cached

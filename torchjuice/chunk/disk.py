@@ -2,10 +2,11 @@
 
 Blocks are immutable, so a cached block never goes stale. Each block is one file under
 ``DIR/<volume uuid>/raw/<object key>`` holding the block's bytes followed by a checksum trailer:
-one xxh3-64 per 64 KiB segment, then a footer (magic, segment count). A read verifies only the
-segments it touches, so a 4 KiB random read hashes 64 KiB, and a whole-block read hashes the block
-(xxh3 runs at ~10 GiB/s per core and releases the GIL). A corrupt segment drops the file and the
-caller fetches the block again: a corrupt block is never returned.
+one xxh3-64 per 64 KiB segment, one over the whole block, then a footer (magic, segment count).
+A whole-block read is one ``preadv`` (data and trailer) and one hash; a partial read verifies only
+the segments it touches, so a 4 KiB random read hashes 64 KiB (xxh3 runs at ~10 GiB/s per core and
+releases the GIL). A corrupt block is dropped and the caller fetches it again: a corrupt block is
+never returned.
 
 Shared by several processes on one host (DataLoader workers): files appear by atomic rename, a
 reader holds its own fd (an eviction by another process does not disturb it), and the space
@@ -25,14 +26,30 @@ import struct
 import threading
 import time
 import uuid as _uuid
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
 
 import xxhash
 
 log = logging.getLogger("torchjuice.cache")
 
 SEGMENT = 64 << 10
+_PIECE = 4 * SEGMENT              # read this much, then hash it while it is in the CPU cache
 _MAGIC = b"TJC1"
 _FOOTER = struct.Struct("<4sI")           # magic, number of segments
+
+
+_caches: "weakref.WeakSet[DiskCache]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for c in list(_caches):         # a parent's thread may have held these at fork time
+        c._tlock = threading.Lock()
+        c._fdlock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class CacheMiss(Exception):
@@ -44,12 +61,14 @@ def _segments(n: int) -> int:
 
 
 def trailer_size(bsize: int) -> int:
-    return _segments(bsize) * 8 + _FOOTER.size
+    return (_segments(bsize) + 1) * 8 + _FOOTER.size
 
 
-def checksums(data) -> bytes:
+def trailer(data) -> bytes:
+    """Segment checksums, the whole-block checksum, the footer."""
     mv = memoryview(data)
-    return b"".join(xxhash.xxh3_64_digest(mv[i: i + SEGMENT]) for i in range(0, len(mv), SEGMENT))
+    segs = [xxhash.xxh3_64_digest(mv[i: i + SEGMENT]) for i in range(0, len(mv), SEGMENT)]
+    return b"".join(segs) + xxhash.xxh3_64_digest(mv) + _FOOTER.pack(_MAGIC, len(segs))
 
 
 class DiskCache:
@@ -65,6 +84,10 @@ class DiskCache:
         self._lock_path = os.path.join(self.dir, ".lock")
         self._dirs: set[str] = set()
         self._tlock = threading.Lock()
+        self._fdlock = threading.Lock()
+        self._fds: OrderedDict[str, list] = OrderedDict()
+        self.max_open = 256
+        _caches.add(self)
         self.hits = self.misses = self.corrupt = self.evictions = self.skipped = 0
         self.hit_bytes = 0
 
@@ -87,53 +110,102 @@ class DiskCache:
     def read_into(self, key: str, bsize: int, off: int, out: memoryview) -> None:
         """Fill ``out`` with bytes ``[off, off+len(out))`` of the cached block, verifying every
         segment it touches. Raises CacheMiss when absent or corrupt (the file is then dropped)."""
-        path = self.path(key)
+        entry = self._acquire(key)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            try:
-                path = self.staged_path(key)
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                self.misses += 1
-                raise CacheMiss(key) from None
-        try:
-            self._read_verified(fd, path, bsize, off, out)
-        finally:
-            os.close(fd)
+            self._read_verified(entry[0], entry[1], bsize, off, out)
+        except CacheMiss:
+            self._release(key, entry, forget=True)
+            raise
+        self._release(key, entry)
         self.hits += 1
         self.hit_bytes += len(out)
 
+    # Open files: a small LRU of read-only fds, because opening a file deep in the cache tree
+    # costs as much as hashing the block. An fd stays valid, its bytes right, when another process
+    # evicts or replaces the file (blocks are immutable). An entry is [fd, path, users, retired]:
+    # it is closed only once retired and unused, so an fd number is never reused under a reader.
+
+    def _acquire(self, key: str) -> list:
+        with self._fdlock:
+            entry = self._fds.get(key)
+            if entry is not None:
+                self._fds.move_to_end(key)
+                entry[2] += 1
+                return entry
+        for path in (self.path(key), self.staged_path(key)):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            self.misses += 1
+            raise CacheMiss(key)
+        with self._fdlock:
+            entry = self._fds.get(key)
+            if entry is not None:                       # another thread opened it meanwhile
+                os.close(fd)
+                entry[2] += 1
+                return entry
+            entry = self._fds[key] = [fd, path, 1, False]
+            while len(self._fds) > self.max_open:
+                _, old = self._fds.popitem(last=False)
+                old[3] = True
+                if old[2] == 0:
+                    os.close(old[0])
+            return entry
+
+    def _release(self, key: str, entry: list, forget: bool = False) -> None:
+        with self._fdlock:
+            entry[2] -= 1
+            if forget and self._fds.get(key) is entry:
+                del self._fds[key]
+                entry[3] = True
+            if entry[3] and entry[2] == 0:
+                os.close(entry[0])
+
     def _read_verified(self, fd: int, path: str, bsize: int, off: int, out: memoryview) -> None:
+        """Read and verify. Bytes are hashed right after each 256 KiB read, while they are still
+        in the CPU cache: on a memory-bound machine a second pass over the block would cost
+        almost as much as the copy itself."""
         nseg = _segments(bsize)
-        tail = os.pread(fd, nseg * 8 + _FOOTER.size, bsize)
-        if len(tail) != nseg * 8 + _FOOTER.size or _FOOTER.unpack_from(tail, nseg * 8) != (_MAGIC, nseg):
-            self._drop(path, "bad trailer")
         n = len(out)
+        tail = os.pread(fd, trailer_size(bsize), bsize)
+        self._check_footer(path, tail, nseg)
+        whole = off == 0 and n == bsize
         s0, s1 = off // SEGMENT, _segments(off + n)
         a, b = s0 * SEGMENT, min(s1 * SEGMENT, bsize)
-        if a == off and b == off + n:                       # aligned: straight into the caller
-            view = out
-            if os.preadv(fd, [view], a) != n:
+        view = out if (a == off and b == off + n) else memoryview(bytearray(b - a))
+        hasher = xxhash.xxh3_64() if whole else None
+        pos = 0
+        while pos < b - a:
+            piece = view[pos: pos + _PIECE]
+            if os.preadv(fd, [piece], a + pos) != len(piece):
                 self._drop(path, "short read")
-        else:
-            view = memoryview(bytearray(b - a))
-            if os.preadv(fd, [view], a) != b - a:
-                self._drop(path, "short read")
-        for i in range(s0, s1):
-            lo = i * SEGMENT - a
-            if xxhash.xxh3_64_digest(view[lo: lo + SEGMENT]) != tail[i * 8: i * 8 + 8]:
-                self._drop(path, f"checksum mismatch in segment {i}")
+            if whole:
+                hasher.update(piece)
+            else:
+                for i in range((a + pos) // SEGMENT, _segments(a + pos + len(piece))):
+                    lo = i * SEGMENT - a
+                    if xxhash.xxh3_64_digest(view[lo: lo + SEGMENT]) != tail[i * 8: i * 8 + 8]:
+                        self._drop(path, f"checksum mismatch in segment {i}")
+            pos += len(piece)
+        if whole and hasher.digest() != tail[nseg * 8: nseg * 8 + 8]:
+            self._drop(path, "checksum mismatch")
         if view is not out:
             out[:] = view[off - a: off - a + n]
+
+    def _check_footer(self, path: str, tail, nseg: int) -> None:
+        if len(tail) != (nseg + 1) * 8 + _FOOTER.size or \
+                _FOOTER.unpack_from(tail, (nseg + 1) * 8) != (_MAGIC, nseg):
+            self._drop(path, "bad trailer")
 
     def _drop(self, path: str, why: str):
         self.corrupt += 1
         log.warning("dropping corrupt cache block %s: %s", path, why)
         try:
-            size = os.stat(path).st_size
-            os.unlink(path)
-            self._account(-size)
+            with self._locked():
+                self._unlink_counted(path, os.stat(path).st_size)
         except OSError:
             pass
         raise CacheMiss(path)
@@ -141,53 +213,64 @@ class DiskCache:
     # -- writes ------------------------------------------------------------------------------------
     def put(self, key: str, data, staged: bool = False) -> bool:
         """Store a whole block (atomically). Returns False when it was not cached: no room under
-        the cap or the free-space floor, or the disk is full. Never raises for a full disk."""
+        the cap or the free-space floor, or the disk is full. Never raises for a full disk (a
+        staged write-back block does raise: it is the only copy)."""
         total = len(data) + trailer_size(len(data))
         final = self.staged_path(key) if staged else self.path(key)
-        if not staged and not self._reserve(total):
-            self.skipped += 1
-            return False
-        if staged:
-            self._account(total)
-        tmp = f"{final}.{_uuid.uuid4().hex[:8]}.tmp"
+        tmp = f"{final}.{_uuid.uuid4().hex[:8]}.{total}.tmp"   # reserved size in the name
         try:
             self._ensure_dir(os.path.dirname(final))
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = self._begin(tmp, total, evictable=not staged)
+        except OSError as e:
+            if staged:
+                raise
+            return self._skip(key, e)
+        if fd is None:
+            self.skipped += 1
+            return False
+        try:
             try:
-                trailer = checksums(data) + _FOOTER.pack(_MAGIC, _segments(len(data)))
                 view, done = memoryview(data), 0
                 while done < len(view):
                     done += os.write(fd, view[done:])
-                os.write(fd, trailer)
+                os.write(fd, trailer(data))
                 if staged:
                     os.fsync(fd)          # write-back data is the only copy until uploaded
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
+            with self._locked():
+                try:
+                    replaced = os.stat(final).st_size     # another process cached it meanwhile
+                except FileNotFoundError:
+                    replaced = 0
+                os.replace(tmp, final)
+                if replaced:
+                    self._write_usage(self._read_usage() - replaced)
             return True
         except OSError as e:
-            self._account(-total)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            with self._locked():
+                self._unlink_counted(tmp, total)
             if staged:
                 raise
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                log.warning("disk cache %s is full: not caching (%s)", self.dir, e)
-            else:
-                log.warning("could not cache block %s: %s", key, e)
-            self.skipped += 1
-            return False
+            return self._skip(key, e)
+
+    def _skip(self, key: str, e: OSError) -> bool:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.warning("disk cache %s is full: not caching (%s)", self.dir, e)
+        else:
+            log.warning("could not cache block %s: %s", key, e)
+        self.skipped += 1
+        return False
 
     def promote(self, key: str) -> None:
         """A staged (write-back) block was uploaded: move it to the ordinary cache."""
         final = self.path(key)
         self._ensure_dir(os.path.dirname(final))
-        try:
-            os.replace(self.staged_path(key), final)
-        except FileNotFoundError:
-            pass
+        with self._locked():
+            try:
+                os.replace(self.staged_path(key), final)
+            except FileNotFoundError:
+                pass
 
     def staged_keys(self) -> list[str]:
         out = []
@@ -208,21 +291,27 @@ class DiskCache:
         return out.obj
 
     # -- space -------------------------------------------------------------------------------------
+    # Every change to the set of files (reserving a temp file, renaming it into place, deleting)
+    # happens under an flock shared by all processes, and a temp file carries its reserved size in
+    # its name. So a scan under the lock sees exactly the bytes in use and reserved, and the usage
+    # file (a fast path that avoids scanning) never falls behind what is on disk.
+
+    @contextmanager
     def _locked(self):
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+        with self._tlock:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)              # releases the flock
 
-    def _unlock(self, fd: int) -> None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-    def _read_usage(self) -> int | None:
+    def _read_usage(self) -> int:
         try:
             with open(self._usage_path) as f:
-                return int(f.read() or 0)
+                return int(f.read())
         except (FileNotFoundError, ValueError):
-            return None
+            return self._scan_usage()
 
     def _write_usage(self, n: int) -> None:
         tmp = f"{self._usage_path}.{os.getpid()}.{threading.get_ident()}"
@@ -230,79 +319,90 @@ class DiskCache:
             f.write(str(max(0, n)))
         os.replace(tmp, self._usage_path)
 
-    def _account(self, delta: int) -> None:
-        with self._tlock:
-            fd = self._locked()
-            try:
-                used = self._read_usage()
-                self._write_usage((self._scan_usage() if used is None else used) + delta)
-            finally:
-                self._unlock(fd)
-
     def _floor_ok(self, extra: int) -> bool:
         st = os.statvfs(self.dir)
         return (st.f_bavail * st.f_frsize - extra) >= self.free_ratio * st.f_blocks * st.f_frsize
 
-    def _reserve(self, n: int) -> bool:
-        """Make room for ``n`` bytes under the cap and the free-space floor, evicting the least
-        recently used blocks (across every process sharing the cache); then count them."""
-        if n > self.capacity:
-            return False
-        with self._tlock:
-            fd = self._locked()
-            try:
-                used = self._read_usage()
-                if used is None:
-                    used = self._scan_usage()
+    def _begin(self, tmp: str, n: int, evictable: bool) -> int | None:
+        """Reserve ``n`` bytes and create the temp file, under the lock. For an ordinary block,
+        first make room under the cap and the free-space floor by evicting the least recently
+        used blocks (of every process sharing the cache); None when there is no room."""
+        with self._locked():
+            used = self._read_usage()
+            if evictable:
+                if n > self.capacity:
+                    return None
                 if used + n > self.capacity or not self._floor_ok(n):
                     used = self._evict(target=int(self.capacity * 0.9) - n, need=n)
                     if used + n > self.capacity or not self._floor_ok(n):
                         self._write_usage(used)
-                        return False
-                self._write_usage(used + n)
-                return True
-            finally:
-                self._unlock(fd)
+                        return None
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._write_usage(used + n)
+            return fd
 
-    def _files(self):
-        for root, _dirs, files in os.walk(self.raw):
+    def _unlink_counted(self, path: str, size: int) -> None:
+        """Delete a file and its bytes from the usage (lock held)."""
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        self._write_usage(self._read_usage() - size)
+
+    def _entries(self, top: str):
+        """``(path, counted size, last use)`` of every file under ``top``; stale temp files of
+        killed writers (an hour old) are removed on the way."""
+        now = time.time()
+        for root, _dirs, files in os.walk(top):
             for f in files:
                 p = os.path.join(root, f)
                 try:
                     st = os.stat(p)
                 except FileNotFoundError:
                     continue
-                yield p, st
+                if f.endswith(".tmp"):
+                    if now - st.st_mtime > 3600:
+                        os.unlink(p)
+                        continue
+                    try:
+                        size = int(f.rsplit(".", 2)[1])
+                    except (IndexError, ValueError):
+                        size = st.st_size
+                    yield p, size, None
+                else:
+                    yield p, st.st_size, max(st.st_atime, st.st_mtime)
 
     def _scan_usage(self) -> int:
-        used = sum(st.st_size for _, st in self._files())
-        for root, _dirs, files in os.walk(self.staging):
-            for f in files:
-                try:
-                    used += os.stat(os.path.join(root, f)).st_size
-                except FileNotFoundError:
-                    pass
-        return used
+        return sum(e[1] for top in (self.raw, self.staging) for e in self._entries(top))
 
     def _evict(self, target: int, need: int) -> int:
-        """Delete least recently used blocks until usage <= target (and the floor holds).
-        Called with the lock held; returns the usage after eviction (from a fresh scan)."""
-        entries = sorted(self._files(), key=lambda e: max(e[1].st_atime, e[1].st_mtime))
-        used = self._scan_usage()
-        for p, st in entries:
+        """Delete least recently used blocks until usage <= target and the floor holds (lock
+        held). Returns the usage after eviction, from a fresh scan."""
+        entries = list(self._entries(self.raw))
+        used = sum(e[1] for e in entries) + sum(e[1] for e in self._entries(self.staging))
+        for p, size, last in sorted((e for e in entries if e[2] is not None), key=lambda e: e[2]):
             if used <= max(target, 0) and self._floor_ok(need):
                 break
             try:
                 os.unlink(p)
-                used -= st.st_size
+                used -= size
                 self.evictions += 1
             except FileNotFoundError:
                 pass
         return used
 
+    def close(self) -> None:
+        """Close the cached fds (those in use close when their reader is done)."""
+        with self._fdlock:
+            entries, self._fds = list(self._fds.values()), OrderedDict()
+            for e in entries:
+                e[3] = True
+                if e[2] == 0:
+                    os.close(e[0])
+
     def usage(self) -> int:
-        used = self._read_usage()
-        return self._scan_usage() if used is None else used
+        with self._locked():
+            return self._read_usage()
 
     def stats(self) -> dict:
         return {"cache_hits": self.hits, "cache_misses": self.misses,

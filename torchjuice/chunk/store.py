@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from collections import OrderedDict
@@ -50,7 +51,8 @@ class ChunkStore:
     def __init__(self, store: ObjectStore, name: str, block_size: int, compression: str | None = None,
                  upload_threads: int = 16, download_threads: int = 16,
                  max_inflight: int = 256 << 20, cache: DiskCache | None = None,
-                 buffer_size: int = 256 << 20, cache_writes: bool = True, writeback: bool = False):
+                 buffer_size: int = 256 << 20, cache_writes: bool = True, writeback: bool = False,
+                 cache_fill_buffer: int = 256 << 20):
         self.store = store
         self.prefix = f"{name}/chunks/"
         self.block_size = block_size
@@ -62,6 +64,7 @@ class ChunkStore:
         self.buffer_size = buffer_size
         self.cache_writes = cache_writes and cache is not None
         self.writeback = writeback
+        self.cache_fill_buffer = cache_fill_buffer
         if writeback and cache is None:
             raise ValueError("write-back needs a disk cache (cache_dir)")
         self.metrics = Metrics()
@@ -76,11 +79,16 @@ class ChunkStore:
         self._room = threading.Condition(self._lock)
         self._inflight = 0
         self._pools: dict[str, ThreadPoolExecutor] = {}
-        self._buffer: OrderedDict[str, bytes] = OrderedDict()   # prefetched whole blocks
+        self._buffer: OrderedDict[str, bytearray] = OrderedDict()   # whole blocks, LRU
         self._buffered = 0
+        self._pins: dict[int, int] = {}          # id(block buffer) -> users
+        self._retired: set[int] = set()          # out of the LRU, freed when the last pin goes
+        self._free: list[bytearray] = []         # block buffers to reuse
         self._fetching: dict[str, Future] = {}
         self._staged_pending: set[Future] = set()
         self._stop = threading.Event()
+        self._fill: queue.Queue | None = None       # blocks waiting to be written to the cache
+        self._fill_bytes = 0
 
     def _pool(self, kind: str) -> ThreadPoolExecutor:
         with self._lock:
@@ -143,7 +151,7 @@ class ChunkStore:
             key = self.key(sid, index, n)
             self._put(key, data)
             if self.cache_writes:
-                self.cache.put(key, data)
+                self._cache_later(key, data)
         finally:
             self._release(n)
 
@@ -200,34 +208,27 @@ class ChunkStore:
     def read_block(self, key: str, bsize: int, off: int, out: memoryview) -> None:
         """Fill ``out`` with bytes ``[off, off+len(out))`` of one block."""
         n = len(out)
-        m = self.metrics
         with self._lock:
-            data = self._buffer.get(key)
-            if data is not None and off + n >= bsize:     # consumed to its end: free it
-                del self._buffer[key]
-                self._buffered -= len(data)
-            fut = self._fetching.get(key) if data is None else None
-        if data is None and fut is not None:
-            m.singleflight_waits += 1
-            data = fut.result()
-        if data is not None:
-            m.buffer_hits += 1
-            m.buffer_hit_bytes += n
-            out[:] = memoryview(data)[off: off + n]
-            return
-        if self.cache is not None:
-            try:
-                self.cache.read_into(key, bsize, off, out)
+            known = key in self._buffer or key in self._fetching
+        if not known:
+            if self.cache is not None:
+                try:
+                    self.cache.read_into(key, bsize, off, out)
+                    return
+                except CacheMiss:
+                    pass
+            if self.compressor.name == "none" and (n == bsize or self.cache is None):
+                self._get_into(key, bsize, off, out)             # straight into the caller
+                if n == bsize and self.cache is not None:
+                    self._cache_later(key, bytes(out))          # the caller may reuse `out`
                 return
-            except CacheMiss:
-                pass
-        if self.compressor.name == "none" and (n == bsize or self.cache is None):
-            self._get_into(key, bsize, off, out)                 # straight into the caller
-            if n == bsize and self.cache is not None:
-                self.cache.put(key, out)
-            return
-        data = self.fetch(key, bsize)
-        out[:] = memoryview(data)[off: off + n]
+        data = self._pinned(key, bsize)
+        try:
+            out[:] = memoryview(data)[off: off + n]
+        finally:
+            self._unpin(key, data, consumed=off + n >= bsize)
+        self.metrics.buffer_hits += 1
+        self.metrics.buffer_hit_bytes += n
 
     def _get_into(self, key: str, bsize: int, off: int, out: memoryview) -> None:
         t = time.perf_counter()
@@ -240,12 +241,15 @@ class ChunkStore:
         if got != len(out):
             raise CorruptBlockError(f"block {key} is shorter than its {bsize} bytes")
 
-    def _download(self, key: str, bsize: int):
-        """A whole block, decompressed, from the store; cached on local disk when enabled."""
+    def _download(self, key: str, bsize: int, cache: bool = True):
+        """A whole block, decompressed, from the store; queued for the disk cache when enabled."""
         if self.compressor.name == "none":
-            buf = bytearray(bsize)
-            self._get_into(key, bsize, 0, memoryview(buf))
-            data = buf
+            data = self._alloc(bsize)
+            try:
+                self._get_into(key, bsize, 0, memoryview(data))
+            except BaseException:
+                self._recycle(data)
+                raise
         else:
             t = time.perf_counter()
             body = self.store.get(key)
@@ -257,23 +261,80 @@ class ChunkStore:
             m.store_read_bytes += len(data)
             if len(data) != bsize:
                 raise CorruptBlockError(f"block {key} holds {len(data)} bytes, not {bsize}")
-        if self.cache is not None:
-            self.cache.put(key, data)
+        if cache and self.cache is not None:
+            self._cache_later(key, data)
         return data
 
-    def fetch(self, key: str, bsize: int, keep: bool = False):
-        """A whole block, downloaded once however many threads ask at the same time
-        (single-flight). ``keep``: hold it in the memory buffer for a reader coming soon."""
+    # -- filling the disk cache ----------------------------------------------------------------------
+    # A new 4 MiB file costs milliseconds of kernel time (fresh pages), as much as the GET itself
+    # on a busy machine. So blocks are cached by one background thread at the lowest CPU priority,
+    # never on the reader's path; when it falls behind by more than `cache_fill_buffer` bytes, the
+    # block is not cached this time (counted in cache_skipped; `warmup` fills synchronously).
+
+    def _cache_later(self, key: str, data) -> None:
+        n = len(data)
         with self._lock:
-            fut = self._fetching.get(key)
-            owner = fut is None
-            if owner:
-                fut = self._fetching[key] = Future()
-        if not owner:
-            self.metrics.singleflight_waits += 1
-            return fut.result()
+            if self._fill_bytes + n > self.cache_fill_buffer:
+                self.cache.skipped += 1
+                return
+            self._fill_bytes += n
+            self._pins[id(data)] = self._pins.get(id(data), 0) + 1     # not reused until written
+            if self._fill is None:
+                self._fill = queue.Queue()
+                threading.Thread(target=self._fill_loop, args=(self._fill,), daemon=True,
+                                 name="tj-cache-fill").start()
+            self._fill.put((key, data))
+
+    def _fill_loop(self, q: queue.Queue) -> None:
         try:
-            data = self._download(key, bsize)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            item = q.get()
+            if item is None:
+                q.task_done()
+                return
+            key, data = item
+            try:
+                self.cache.put(key, data)
+            finally:
+                with self._lock:
+                    self._fill_bytes -= len(data)
+                self._unpin(None, data)
+                q.task_done()
+
+    def drain_cache_fill(self) -> None:
+        """Wait until every block queued for the disk cache is written."""
+        q = self._fill
+        if q is not None:
+            q.join()
+
+    # -- the memory buffer ----------------------------------------------------------------------------
+    # Whole blocks downloaded by readahead (or by partial reads that need the whole block) live in
+    # an LRU buffer of at most `buffer_size` bytes. A block is downloaded once however many threads
+    # want it (single-flight): the first becomes the owner, the others wait and then find it in the
+    # buffer. Block buffers are reused: fresh memory costs more to touch here (page faults) than
+    # the copy out of it. So a user of a block pins it while copying, and a buffer goes back to the
+    # free list only once it has left the LRU and nobody holds a pin (readers, the cache filler).
+
+    def _pinned(self, key: str, bsize: int, cache: bool = True):
+        """A whole block, decompressed, pinned: call :meth:`_unpin` when done with it."""
+        while True:
+            with self._lock:
+                data = self._buffer.get(key)
+                if data is not None:
+                    self._buffer.move_to_end(key)
+                    self._pins[id(data)] = self._pins.get(id(data), 0) + 1
+                    return data
+                fut = self._fetching.get(key)
+                if fut is None:
+                    fut = self._fetching[key] = Future()
+                    break
+            self.metrics.singleflight_waits += 1
+            fut.result()            # raises the owner's error; else the block is in the buffer now
+        try:
+            data = self._download(key, bsize, cache)
         except BaseException as e:
             with self._lock:
                 del self._fetching[key]
@@ -281,14 +342,60 @@ class ChunkStore:
             raise
         with self._lock:
             del self._fetching[key]
-            if keep and key not in self._buffer:
-                self._buffer[key] = data
-                self._buffered += len(data)
-                while self._buffered > self.buffer_size and self._buffer:
-                    _, old = self._buffer.popitem(last=False)
-                    self._buffered -= len(old)
-        fut.set_result(data)
+            self._pins[id(data)] = self._pins.get(id(data), 0) + 1
+            self._buffer[key] = data
+            self._buffered += len(data)
+            while self._buffered > self.buffer_size and len(self._buffer) > 1:
+                _, old = self._buffer.popitem(last=False)
+                self._buffered -= len(old)
+                self._retire(old)
+        fut.set_result(None)
         return data
+
+    def _unpin(self, key: str | None, data, consumed: bool = False) -> None:
+        """Done with a pinned block; ``consumed``: read to its end, so it may leave the buffer."""
+        with self._lock:
+            if consumed and self._buffer.get(key) is data:
+                del self._buffer[key]
+                self._buffered -= len(data)
+                self._retired.add(id(data))
+            left = self._pins[id(data)] - 1
+            if left:
+                self._pins[id(data)] = left
+            else:
+                del self._pins[id(data)]
+                if id(data) in self._retired:
+                    self._retired.discard(id(data))
+                    self._to_free(data)
+
+    def _retire(self, data) -> None:
+        """``data`` left the buffer (lock held): free it now, or when its last pin goes."""
+        if id(data) in self._pins:
+            self._retired.add(id(data))
+        else:
+            self._to_free(data)
+
+    def _to_free(self, data) -> None:
+        if type(data) is bytearray and len(data) == self.block_size and len(self._free) < 16:
+            self._free.append(data)
+
+    def _alloc(self, n: int) -> bytearray:
+        with self._lock:
+            if n == self.block_size and self._free:
+                return self._free.pop()
+        return bytearray(n)
+
+    def _recycle(self, data) -> None:
+        with self._lock:
+            self._to_free(data)
+
+    def fetch(self, key: str, bsize: int, cache: bool = True) -> bytes:
+        """A copy of a whole block (single-flight download; see :meth:`_pinned`)."""
+        data = self._pinned(key, bsize, cache)
+        try:
+            return bytes(data)
+        finally:
+            self._unpin(key, data)
 
     def prefetch(self, blocks: list[tuple[str, int]]) -> None:
         """Start background downloads of blocks a reader will want soon (readahead)."""
@@ -305,7 +412,7 @@ class ChunkStore:
 
     def _prefetch_one(self, key: str, bsize: int) -> None:
         try:
-            self.fetch(key, bsize, keep=True)
+            self._unpin(key, self._pinned(key, bsize))
         except Exception as e:            # the reader will fetch it again and see the error
             log.debug("prefetch of %s failed: %s", key, e)
 
@@ -356,7 +463,11 @@ class ChunkStore:
             key, bsize = kb
             got = 0
             if not self.cache.contains(key):
-                self.fetch(key, bsize)
+                data = self._pinned(key, bsize, cache=False)
+                try:
+                    self.cache.put(key, data)                   # now, not queued
+                finally:
+                    self._unpin(key, data, consumed=True)
                 got = bsize
             if progress is not None:
                 progress(bsize)
@@ -393,5 +504,11 @@ class ChunkStore:
         self._stop.set()
         with self._lock:
             pools, self._pools = list(self._pools.values()), {}
+            fill, self._fill = self._fill, None
+        if fill is not None:
+            fill.put(None)                 # the filler finishes what is queued, then stops
+            fill.join()
+        if self.cache is not None:
+            self.cache.close()
         for p in pools:
             p.shutdown(wait=True)

@@ -562,3 +562,61 @@ def test_round_trip_through_our_own_save(vol):
     tensors = random_model(15, scale=4)
     tj.save_safetensors(tensors, "juice://v/rt.safetensors")
     assert_same(tj.load_safetensors("juice://v/rt.safetensors"), tensors)
+
+
+# -- the example inference server --------------------------------------------------------------------------
+def test_serve_example_starts_and_answers(tmp_path):
+    """examples/serve.py --demo: makes a volume and a tiny model, loads it from juice://, serves."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    import urllib.request
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "examples", "serve.py"), "--demo",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": root})
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("listening on"):
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(120), "the server did not start"
+        assert lines and lines[-1].startswith("listening on"), (lines, proc.stderr.read())
+        base = lines[-1].split()[-1]
+        assert lines[0].startswith("loaded juice://demo/models/tiny.safetensors: 4 tensors")
+
+        health = json.loads(urllib.request.urlopen(base + "/health", timeout=30).read())
+        assert health["status"] == "ok" and health["tensors"] == 4 and health["load_seconds"] > 0
+        assert health["model"] == "juice://demo/models/tiny.safetensors"
+
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(3, 16, generator=g)
+        req = urllib.request.Request(base + "/predict", data=json.dumps({"inputs": x.tolist()}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        got = torch.tensor(json.loads(urllib.request.urlopen(req, timeout=30).read())["outputs"])
+        # the same model, loaded here from the same volume, gives the same answers
+        sd = tj.load_safetensors("juice://demo/models/tiny.safetensors")
+        want = torch.nn.functional.gelu(x @ sd["fc1.weight"].T + sd["fc1.bias"]) @ sd["fc2.weight"].T \
+            + sd["fc2.bias"]
+        assert got.shape == (3, 4) and torch.allclose(got, want, atol=1e-5)
+
+        one = json.loads(urllib.request.urlopen(
+            base + "/predict?x=" + ",".join(str(v) for v in x[0].tolist()), timeout=30).read())
+        assert torch.allclose(torch.tensor(one["outputs"]), want[:1], atol=1e-5)
+        bad = urllib.request.Request(base + "/predict", data=b'{"inputs": [[1, 2]]}')
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(bad, timeout=30)
+        assert e.value.code == 400
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        tj.volume_for("demo").close()

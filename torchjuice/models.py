@@ -51,8 +51,11 @@ __all__ = ["load_safetensors", "safe_open", "save_safetensors", "iter_safetensor
 MAX_HEADER_SIZE = 100_000_000
 #: the first request reads this much: the 8-byte length and, nearly always, the whole header.
 HEADER_PROBE = 64 << 10
-#: default number of parallel block reads (the volume's own download pool has 16 too).
+#: parallel block reads from a remote store (the volume's own download pool has 16 too)...
 THREADS = 16
+#: ...and from a local one (file://, mem://), where a read is a memory copy: more threads than
+#: cores only contend.
+LOCAL_THREADS = max(2, min(THREADS, os.cpu_count() or 2))
 #: CUDA: pinned staging buffers in the ring, and the bytes each holds.
 STAGING_BUFFERS = 4
 STAGING_BYTES = 64 << 20
@@ -93,6 +96,12 @@ def _resolve(url, volume: Volume | None, meta: str | None) -> tuple[Volume, str,
     vol = volume_for(name, meta)
     path = vol.norm(path)
     return vol, path, f"juice://{name}{path}"
+
+
+def _threads(vol: Volume, threads: int | None) -> int:
+    if threads is not None:
+        return max(1, threads)
+    return LOCAL_THREADS if vol.format.storage.startswith(("file://", "mem://")) else THREADS
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
@@ -624,14 +633,14 @@ def _shards(vol: Volume, path: str, label: str) -> list[tuple[str, set[str] | No
 
 
 def iter_safetensors(url, device="cpu", *, volume: Volume | None = None, meta: str | None = None,
-                     threads: int = THREADS) -> Iterator[tuple[str, torch.Tensor]]:
+                     threads: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in file order as the bytes arrive (a server can build its model
     while the rest is still loading). Same arguments as :func:`load_safetensors`."""
     vol, path, label = _resolve(url, volume, meta)
     dev = _device(device)
     shards = _shards(vol, path, label)
     files: list[_File] = []
-    pool = ThreadPoolExecutor(max(1, threads), "tj-models")
+    pool = ThreadPoolExecutor(_threads(vol, threads), "tj-models")
     try:
         for p, _ in shards:
             files.append(_File(vol, p, f"juice://{vol.name}{p}"))
@@ -657,13 +666,14 @@ def iter_safetensors(url, device="cpu", *, volume: Volume | None = None, meta: s
 
 
 def load_safetensors(url, device="cpu", *, volume: Volume | None = None, meta: str | None = None,
-                     threads: int = THREADS) -> dict[str, torch.Tensor]:
+                     threads: int | None = None) -> dict[str, torch.Tensor]:
     """Load every tensor of a safetensors file -- or of a directory holding
     ``model.safetensors.index.json`` (the sharded Hugging Face layout) or ``model.safetensors`` --
     into ``device``. Equal to ``safetensors.torch.load_file`` on the same bytes.
 
     ``url`` is ``juice://VOL/path``, or a path inside ``volume``. ``threads`` block reads run at
-    once. CPU tensors share one allocation, each with a storage of its own bytes."""
+    once (default: 16 for a remote store, the number of cores for a local one). CPU tensors share
+    one allocation, each with a storage of its own bytes."""
     return dict(iter_safetensors(url, device, volume=volume, meta=meta, threads=threads))
 
 
@@ -676,13 +686,13 @@ class safe_open:
     """
 
     def __init__(self, url, framework: str = "pt", device="cpu", *, volume: Volume | None = None,
-                 meta: str | None = None, threads: int = THREADS):
+                 meta: str | None = None, threads: int | None = None):
         if framework not in ("pt", "torch", "pytorch"):
             raise ValueError(f"framework {framework!r} is not supported: torchjuice gives PyTorch "
                              "tensors (framework='pt')")
         vol, path, self.label = _resolve(url, volume, meta)
         self.device = _device(device)
-        self._threads = max(1, threads)
+        self._threads = _threads(vol, threads)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._file = _File(vol, path, self.label)

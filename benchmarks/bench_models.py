@@ -1,0 +1,412 @@
+"""Model loading benchmark: tj.load_safetensors beside safetensors, raw parallel reads and
+runai-model-streamer, side by side in one run.
+
+    python -m benchmarks.bench_models                    # a 1.5 GiB Llama-like model
+    python -m benchmarks.bench_models --size 128M --repeat 1 --no-save      # quick
+
+The model: embeddings, N decoder layers (q/k/v/o and gate/up/down in bf16, f16 q/k/v biases, f32
+norms), an int8 lm_head with f32 scales, an i64 buffer -- sized to --size.
+
+Warm (everything in the page cache): a local file read by ``safetensors.torch.load_file``, by a raw
+multi-threaded ``os.preadv`` into a buffer allocated before the clock starts, and by runai's
+streamer; the same bytes on a volume with a ``file://`` store read by ``tj.load_safetensors``; and
+on an S3 volume whose local disk cache was warmed (``Volume.warmup``).
+
+Cold (the S3 server -- moto, its own process, loopback): ``tj.load_safetensors`` from an S3 volume
+with no disk cache, beside raw parallel GETs of the same blocks (``get_into`` in a
+ThreadPoolExecutor) and runai's ``SafetensorsStreamer`` reading the same file as one object.
+
+Every run is a fresh subprocess (so its peak RSS, VmHWM, is that method's), timed from just before
+the load call to the end of "materialised": every tensor fully read into the process (one byte of
+every 4 KiB page touched -- for safetensors' mmap tensors this is what faults the file in). The
+clock includes connecting to the volume and creating S3 clients. Each run then checks its bytes
+against checksums taken when the model was written. Time to first tensor: from the start to the
+first tensor materialised. Figures: the median of --repeat runs, methods interleaved.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+MiB = 1 << 20
+GiB = 1 << 30
+PAGE = 4096
+
+
+# -- the model ---------------------------------------------------------------------------------------
+def model_spec(size: int) -> list[tuple[str, str, tuple]]:
+    """A Llama-like layer set of about ``size`` bytes: ``(name, dtype, shape)``."""
+    h, inter, vocab = (2048, 5632, 32000) if size >= 512 * MiB else (512, 1408, 8000)
+    kv = h // 4
+    head = vocab * h * 2 + vocab * h + vocab * 4 + h * 4 + 4096 * 8
+    layer = 2 * (2 * h * h + 2 * h * kv + 3 * h * inter) + 2 * (h + 2 * kv) + 2 * 4 * h
+    layers = max(1, round((size - head) / layer))
+    spec = [("model.embed_tokens.weight", "bfloat16", (vocab, h))]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        spec += [(p + "input_layernorm.weight", "float32", (h,)),
+                 (p + "self_attn.q_proj.weight", "bfloat16", (h, h)),
+                 (p + "self_attn.q_proj.bias", "float16", (h,)),
+                 (p + "self_attn.k_proj.weight", "bfloat16", (kv, h)),
+                 (p + "self_attn.k_proj.bias", "float16", (kv,)),
+                 (p + "self_attn.v_proj.weight", "bfloat16", (kv, h)),
+                 (p + "self_attn.v_proj.bias", "float16", (kv,)),
+                 (p + "self_attn.o_proj.weight", "bfloat16", (h, h)),
+                 (p + "post_attention_layernorm.weight", "float32", (h,)),
+                 (p + "mlp.gate_proj.weight", "bfloat16", (inter, h)),
+                 (p + "mlp.up_proj.weight", "bfloat16", (inter, h)),
+                 (p + "mlp.down_proj.weight", "bfloat16", (h, inter))]
+    spec += [("model.norm.weight", "float32", (h,)),
+             ("lm_head.weight", "int8", (vocab, h)),
+             ("lm_head.scales", "float32", (vocab,)),
+             ("model.rotary.position_ids", "int64", (4096,))]
+    return spec
+
+
+def write_model(path: str, size: int, seed: int = 0) -> dict:
+    """Write the model with safetensors.torch.save_file; returns per-tensor byte sums."""
+    import torch
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, dtype, shape in model_spec(size):
+        dt = getattr(torch, dtype)
+        n = dt.itemsize
+        for d in shape:
+            n *= d
+        tensors[name] = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).view(dt).view(shape)
+    save_file(tensors, path)
+    sums = {k: byte_sum(v) for k, v in tensors.items()}
+    return sums
+
+
+def byte_sum(t) -> int:
+    import torch
+    return int(t.detach().reshape(-1).view(torch.uint8).sum(dtype=torch.int64))
+
+
+def file_sum(path: str) -> int:
+    import torch
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    return int(torch.frombuffer(data, dtype=torch.uint8).sum(dtype=torch.int64))
+
+
+# -- one method, in a fresh process ---------------------------------------------------------------
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: on Linux a child's ru_maxrss
+    starts from its parent's (it survives fork and exec), so it would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def touch(t) -> None:
+    """Read one byte of every page of ``t`` (materialise an mmap-backed tensor)."""
+    import torch
+    u = t.reshape(-1).view(torch.uint8)
+    if u.numel():
+        u[::PAGE].sum()
+
+
+def parallel(n_items: int, fn, threads: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(fn, i) for i in range(n_items)]:
+            f.result()
+
+
+def child(args: dict) -> dict:
+    import torch
+    from torchjuice.models import LOCAL_THREADS, THREADS
+    method, threads = args["method"], args.get("threads")
+    out: dict = {}
+    tensors = None
+    buf = None
+    if method == "noop":
+        import safetensors.torch  # noqa: F401
+        import torchjuice  # noqa: F401
+        return {"seconds": 0.0, "maxrss_mib": peak_rss_mib()}
+    if method.startswith("preadv"):
+        size = os.path.getsize(args["path"])
+        buf = torch.empty(size, dtype=torch.uint8)
+        if method == "preadv_touched":
+            buf.fill_(0)
+    elif method == "raw_s3":
+        from torchjuice.object import create_store
+        keys = args["keys"]
+        buf = torch.empty(sum(n for _, n in keys), dtype=torch.uint8)
+    elif method.startswith("tj"):
+        import torchjuice as tj
+        from torchjuice.models import iter_safetensors
+    elif method.startswith("st"):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+    elif method == "runai":
+        from runai_model_streamer import SafetensorsStreamer
+
+    t0 = time.perf_counter()
+    if method.startswith("preadv"):
+        from torchjuice.models import _byte_view
+        view, piece = _byte_view(buf), 4 * MiB
+        fd = os.open(args["path"], os.O_RDONLY)
+
+        def one(i):
+            os.preadv(fd, [view[i * piece:(i + 1) * piece]], i * piece)
+        parallel((size + piece - 1) // piece, one, threads or LOCAL_THREADS)
+        os.close(fd)
+    elif method == "raw_s3":
+        from torchjuice.models import _byte_view
+        store = create_store(args["store"])
+        view = _byte_view(buf)
+        offs = [0]
+        for _, n in keys:
+            offs.append(offs[-1] + n)
+
+        def one(i):
+            store.get_into(keys[i][0], view[offs[i]:offs[i + 1]])
+        parallel(len(keys), one, threads or THREADS)
+    elif method.startswith("st"):
+        with safe_open(args["path"], "pt") as f:
+            first = f.offset_keys()[0]
+            touch(f.get_tensor(first))
+        out["ttft"] = time.perf_counter() - t0
+        tensors = load_file(args["path"])
+        if method == "st_clone":
+            tensors = {k: v.clone() for k, v in tensors.items()}
+    elif method.startswith("tj"):
+        tensors = {}
+        for name, t in iter_safetensors(args["url"], threads=threads):
+            if not tensors:
+                touch(t)
+                out["ttft"] = time.perf_counter() - t0
+            tensors[name] = t
+    elif method == "runai":
+        tensors = {}
+        with SafetensorsStreamer() as streamer:
+            streamer.stream_file(args["url"])
+            for name, t in streamer.get_tensors():
+                if not tensors:
+                    touch(t)
+                    out["ttft"] = time.perf_counter() - t0
+                tensors[name] = t
+    if tensors is not None:
+        for t in tensors.values():
+            touch(t)
+    out["seconds"] = time.perf_counter() - t0
+    out["maxrss_mib"] = peak_rss_mib()
+    if tensors is not None:
+        out["sums"] = {k: byte_sum(v) for k, v in tensors.items()}
+    elif buf is not None:
+        out["total_sum"] = byte_sum(buf)
+    if method.startswith("tj"):
+        out["metrics"] = {k: v for k, v in tj.volume_for(args["volume"]).metrics().items()
+                          if k in ("get_count", "get_bytes", "cache_hits", "cache_hit_bytes")}
+    return out
+
+
+def run_child(args: dict, env: dict | None = None) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_models", "--child", json.dumps(args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{args['method']} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="1.5G", help="model size (default 1.5G)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="parallel reads for every method (default: the loader's own choice, "
+                         "16 for S3, the number of cores for local reads, for each side)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-s3", action="store_true", help="skip the S3 (cold) part")
+    ap.add_argument("--no-runai", action="store_true")
+    ap.add_argument("--no-save", action="store_true", help="print only; do not write results/")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
+        return
+
+    import torchjuice as tj
+    from torchjuice.cli.main import parse_size
+    from torchjuice.models import LOCAL_THREADS, THREADS
+    from torchjuice.testing import S3Server, ServerUnavailable
+    from .common import fmt_table, machine, write_results
+
+    size = parse_size(a.size)
+    work = tempfile.mkdtemp(prefix="tj-bench-models-")
+    home = os.path.join(work, "home")
+    env = {"TORCHJUICE_HOME": home, "TORCHJUICE_CACHE_SIZE": "0"}
+    os.environ.update(env)
+    s3 = None
+    print(machine(), flush=True)
+    results: dict[str, list[dict]] = {}
+    try:
+        local = os.path.join(work, "model.safetensors")
+        t = time.perf_counter()
+        sums = write_model(local, size)
+        nbytes = os.path.getsize(local)
+        total = file_sum(local)
+        print(f"model: {len(sums)} tensors, {nbytes / GiB:.2f} GiB ({time.perf_counter() - t:.0f}s "
+              "to make)", flush=True)
+
+        def copy_in(vol, path):
+            with open(local, "rb") as src, vol.open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 * MiB)
+
+        tj.format(f"sqlite3://{work}/warm.db", "warm", storage=f"file://{work}/warmstore")
+        with tj.connect("warm") as vol:
+            copy_in(vol, "/model.safetensors")
+        runs: dict[str, tuple[dict, dict]] = {
+            "noop": ({"method": "noop"}, {}),
+            "st_mmap": ({"method": "st_mmap", "path": local}, {}),
+            "st_clone": ({"method": "st_clone", "path": local}, {}),
+            "preadv": ({"method": "preadv", "path": local}, {}),
+            "preadv_touched": ({"method": "preadv_touched", "path": local}, {}),
+            "tj_warm": ({"method": "tj", "url": "juice://warm/model.safetensors", "volume": "warm"}, {}),
+        }
+        if not a.no_runai:
+            runs["runai_warm"] = ({"method": "runai", "url": local}, {})
+        if not a.no_s3:
+            try:
+                s3 = S3Server()
+            except ServerUnavailable as e:
+                print(f"skipping S3: {e}")
+        if s3 is not None:
+            t = time.perf_counter()
+            url = s3.url()
+            tj.format(f"sqlite3://{work}/cold.db", "cold", storage=url)
+            with tj.connect("cold", cache_size=0) as vol:
+                copy_in(vol, "/model.safetensors")
+                keys = [(k, int(k.rsplit("_", 1)[1]))
+                        for c in vol.info("/model.safetensors")["chunks"] for s in c["slices"]
+                        for k in s["objects"]]
+            cache_dir = os.path.join(work, "cache")
+            with tj.connect("cold", cache_dir=cache_dir, cache_size=4 * nbytes) as vol:
+                vol.warmup("/model.safetensors")
+            runs["tj_s3_disk_cache"] = ({"method": "tj", "url": "juice://cold/model.safetensors",
+                                         "volume": "cold"},
+                                        {"TORCHJUICE_CACHE_DIR": cache_dir,
+                                         "TORCHJUICE_CACHE_SIZE": str(4 * nbytes)})
+            runs["raw_s3"] = ({"method": "raw_s3", "store": url, "keys": keys}, {})
+            runs["tj_s3"] = ({"method": "tj", "url": "juice://cold/model.safetensors",
+                              "volume": "cold"}, {})
+            if not a.no_runai:
+                from torchjuice.object import create_store
+                bucket = s3.url()
+                store = create_store(bucket)
+                store.create()
+                with open(local, "rb") as f:
+                    store.put("model.safetensors", f.read())
+                store.close()
+                b = bucket.split("://", 1)[1].split("?", 1)[0]
+                runs["runai_s3"] = ({"method": "runai", "url": f"s3://{b}/model.safetensors"},
+                                    {"AWS_ENDPOINT_URL": s3.endpoint,
+                                     "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+                                     "AWS_EC2_METADATA_DISABLED": "true"})
+            print(f"S3 set up in {time.perf_counter() - t:.0f}s", flush=True)
+
+        errors: dict[str, str] = {}
+        for r in range(a.repeat):
+            for key, (args, extra) in runs.items():
+                if key in errors:
+                    continue
+                args = {**args, "threads": a.threads}
+                try:
+                    res = run_child(args, {**env, **extra})
+                except RuntimeError as e:
+                    errors[key] = str(e).strip().splitlines()[-1][:300]
+                    print(f"{key}: FAILED: {errors[key]}", flush=True)
+                    continue
+                if "sums" in res and res.pop("sums") != sums:
+                    raise SystemExit(f"{key}: the bytes loaded differ from the model's")
+                if "total_sum" in res and res.pop("total_sum") != total:
+                    raise SystemExit(f"{key}: the bytes read differ from the file's")
+                results.setdefault(key, []).append(res)
+                print(f"[{r + 1}/{a.repeat}] {key}: {res['seconds']:.3f}s "
+                      f"rss {res['maxrss_mib']:.0f} MiB", flush=True)
+    finally:
+        if s3 is not None:
+            s3.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    def med(key, field="seconds"):
+        vals = [r[field] for r in results.get(key, []) if field in r]
+        return statistics.median(vals) if vals else None
+
+    labels = {
+        "st_mmap": "safetensors.torch.load_file, local file (mmap, pages touched)",
+        "st_clone": "safetensors.torch.load_file + clone (private copy)",
+        "preadv": f"raw os.preadv, {a.threads or LOCAL_THREADS} threads, buffer allocated before the clock",
+        "preadv_touched": "raw os.preadv into a pre-faulted buffer (memcpy ceiling)",
+        "runai_warm": "runai-model-streamer, local file",
+        "tj_warm": "tj.load_safetensors, file:// volume",
+        "tj_s3_disk_cache": "tj.load_safetensors, S3 volume, warm disk cache",
+        "raw_s3": f"raw parallel GETs of the same blocks, {a.threads or THREADS} threads",
+        "tj_s3": "tj.load_safetensors, S3 volume, no disk cache",
+        "runai_s3": "runai-model-streamer, s3:// (one object)",
+    }
+    ratios = {"tj_warm": [("st_mmap", 1.0), ("st_clone", None), ("preadv", 0.95),
+                          ("runai_warm", None)],
+              "tj_s3_disk_cache": [("st_mmap", None), ("preadv", None)],
+              "tj_s3": [("raw_s3", 0.9), ("runai_s3", 1.0)]}
+    rss0 = med("noop", "maxrss_mib") or 0
+    rows, out_rows = [], []
+    for scen, keys in (("warm", ["st_mmap", "st_clone", "preadv", "preadv_touched", "runai_warm",
+                                 "tj_warm", "tj_s3_disk_cache"]),
+                       ("cold", ["raw_s3", "runai_s3", "tj_s3"])):
+        for key in keys:
+            if key in errors:
+                rows.append([scen, labels[key], "failed", "", "", "", errors[key][:60]])
+                out_rows.append({"scenario": scen, "method": key, "label": labels[key],
+                                 "error": errors[key]})
+                continue
+            s = med(key)
+            if s is None:
+                continue
+            ttft = med(key, "ttft")
+            rss = med(key, "maxrss_mib")
+            vs = []
+            for base, target in ratios.get(key, []):
+                b = med(base)
+                if b:
+                    vs.append(f"{b / s:.2f}x {base}" + (f" (target {target:.2f}x)" if target else ""))
+            rows.append([scen, labels[key], f"{s:.3f}", f"{nbytes / s / GiB:.2f}",
+                         "-" if ttft is None else f"{ttft * 1000:.0f}",
+                         f"{rss:.0f} (+{rss - rss0:.0f})", "; ".join(vs)])
+            out_rows.append({"scenario": scen, "method": key, "label": labels[key], "seconds": s,
+                             "GiBps": nbytes / s / GiB, "ttft_s": ttft, "maxrss_mib": rss,
+                             "runs": results[key]})
+    table = fmt_table(["", "method", "seconds", "GiB/s", "first tensor ms", "peak RSS MiB",
+                       "tj vs baseline"], rows)
+    print(table)
+    if not a.no_save:
+        notes = (f"Model: {len(sums)} tensors, {nbytes / GiB:.2f} GiB (bf16/f16/f32/i8/i64). "
+                 f"Median of {a.repeat} runs, each in a fresh process; methods interleaved. "
+                 f"Peak RSS is the VmHWM of that process (ru_maxrss would carry the parent's peak over fork+exec); (+N) is above the {rss0:.0f} MiB of a "
+                 "process that only imports torch, safetensors and torchjuice. "
+                 "'x baseline' is baseline seconds / tj seconds (higher is better for tj).\n\n"
+                 + __doc__.split("\n\n", 3)[3])
+        print("wrote", write_results("models", out_rows, table, notes))
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    if "--child" not in sys.argv:
+        print(f"total {time.time() - t0:.0f}s")

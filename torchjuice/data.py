@@ -31,7 +31,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .volume import open_url, split_url, volume_for
+from .volume import find_meta_url, open_url, split_url, volume_for
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,10 @@ def _handle(handler: Callable | None, exn: BaseException) -> bool:
 
 class ShardError(OSError):
     """A shard that cannot be read as a tar archive: a truncated or corrupt header, a member cut
-    short by the end of the file. The message names the shard, the member and the byte offset."""
+    short by the end of the file. The message names the shard, the member and the byte offset;
+    ``member`` is the name of the member being read, when its header could be read."""
+
+    member: str | None = None
 
 
 # -- URLs --------------------------------------------------------------------------------------------
@@ -115,26 +118,36 @@ def expand_braces(pattern: str) -> list[str]:
 
 
 class _Volumes:
-    """This process's volumes for ``juice://`` URLs. Pickles as the ``meta`` option only; after a
-    fork or in a spawned worker each volume is resolved again through ``volume_for``."""
+    """This process's volumes for ``juice://`` URLs. Pickles as the ``meta`` option plus the engine
+    URL each volume name resolved to here (so a spawned worker finds the same engine whatever its
+    environment); after a fork or in a spawned worker each volume is connected again through
+    ``volume_for``."""
 
-    def __init__(self, meta: str | None = None):
+    def __init__(self, meta: str | None = None, resolved: dict | None = None):
         self.meta = meta
+        self._resolved: dict[str, str] = dict(resolved or {})
         self._pid = -1
         self._vols: dict = {}
 
     def __getstate__(self):
-        return {"meta": self.meta}
+        return {"meta": self.meta, "resolved": self._resolved}
 
     def __setstate__(self, state):
-        self.__init__(state["meta"])
+        self.__init__(state["meta"], state.get("resolved"))
+
+    def resolve(self, name: str) -> str:
+        """The engine URL of a volume name, looked up once (then pickled along)."""
+        url = self._resolved.get(name)
+        if url is None:
+            url = self._resolved[name] = find_meta_url(name, self.meta)
+        return url
 
     def get(self, name: str):
         if self._pid != os.getpid():
             self._vols, self._pid = {}, os.getpid()
         vol = self._vols.get(name)
         if vol is None or vol.closed:
-            vol = self._vols[name] = volume_for(name, self.meta)
+            vol = self._vols[name] = volume_for(name, self.resolve(name))
         return vol
 
     def locate(self, url: str):
@@ -258,6 +271,11 @@ class JuiceDataset(Dataset):
             if not urls:
                 raise ValueError("JuiceDataset: the list of URLs is empty")
             self.urls = UrlIndex(urls)
+        self._resolve_names()
+
+    def _resolve_names(self) -> None:
+        for name in {split_url(self.urls[i])[0] for i in range(len(self.urls))}:
+            self._vols.resolve(name)
 
     @property
     def meta(self) -> str | None:
@@ -330,11 +348,12 @@ class JuiceDataset(Dataset):
             raise ValueError(f"{path_or_url}: not a torchjuice manifest ({e})") from None
         ds = cls(None, transform, meta=meta, **kwargs)
         ds.urls = UrlIndex((_check_url(u) for u, _ in files), (int(s) for _, s in files))
+        ds._resolve_names()
         return ds
 
 
 # -- shards --------------------------------------------------------------------------------------------
-def _resolve_shards(urls, meta: str | None, handler) -> list[tuple[str, int]]:
+def _resolve_shards(urls, vols: _Volumes, handler) -> list[tuple[str, int]]:
     """``(url, size)`` of each shard: brace patterns expanded, directories listed (recursively,
     sorted), every named file checked with one ``scandir`` per parent directory."""
     if isinstance(urls, str):
@@ -345,7 +364,7 @@ def _resolve_shards(urls, meta: str | None, handler) -> list[tuple[str, int]]:
         raise ValueError("JuiceIterableDataset: no shard URLs given")
     for u in named:
         _check_url(u)
-    vols = _Volumes(meta)
+    meta = vols.meta
     by_dir: dict[tuple[str, str], dict] = {}
     for u in named:
         name, path = split_url(u)
@@ -511,10 +530,11 @@ def iter_tar(url: str, windows: Iterator) -> Iterator[tuple[str, bytes]]:
         if kind in tarfile.REGULAR_TYPES and kind != tarfile.GNUTYPE_SPARSE:
             data = src.read(size)
             if len(data) < size:
-                raise ShardError(f"{url}: truncated tar member {name!r}: {len(data)} of {size} "
+                err = ShardError(f"{url}: truncated tar member {name!r}: {len(data)} of {size} "
                                  f"bytes before the end of the file (member header at byte {at})")
-            if src.skip(padded - size) < padded - size:
-                raise ShardError(f"{url}: truncated tar archive after member {name!r}")
+                err.member = name
+                raise err
+            src.skip(padded - size)         # padding may be cut at the very end: the data is whole
             yield name, data
         else:                                           # directories, links, devices: no sample
             if src.skip(padded) < padded:
@@ -526,7 +546,18 @@ def group_samples(url: str, members: Iterable[tuple[str, bytes]]) -> Iterator[di
     ``{"__key__": key, "__url__": url, field: bytes, ...}``. A member name without an extension
     cannot be a field: it is skipped with a warning; a field twice in one sample is an error."""
     cur: dict | None = None
-    for fname, data in members:
+    members = iter(members)
+    while True:
+        try:
+            fname, data = next(members)
+        except StopIteration:
+            break
+        except ShardError as e:
+            # a member cut short: the pending sample is whole if that member is another key's
+            kf = _split_name(e.member) if e.member else None
+            if cur is not None and kf is not None and kf[0] != cur["__key__"]:
+                yield cur
+            raise
         kf = _split_name(fname)
         if kf is None:
             log.warning("%s: member %r has no extension (key.field); skipped", url, fname)
@@ -670,9 +701,10 @@ def _shard_windows(reader: Prefetcher, first: tuple) -> Iterator:
 
 
 # -- iterable ------------------------------------------------------------------------------------------
-_SLOT_EPOCH, _SLOT_GEN, _SLOT_WORKERS_SEEN, _SLOT_RESUME_EPOCH, _SLOT_RESUME_NW = range(5)
+_SLOT_EPOCH, _SLOT_GEN, _SLOT_WORKERS_SEEN, _SLOT_RESUME_EPOCH, _SLOT_RESUME_NW, _SLOT_ROTATE = range(6)
+_SLOT_POS = 6
 _MAX_WORKERS = 1024
-_SLOTS = 5 + _MAX_WORKERS
+_SLOTS = _SLOT_POS + _MAX_WORKERS
 
 
 class JuiceIterableDataset(IterableDataset):
@@ -729,7 +761,7 @@ class JuiceIterableDataset(IterableDataset):
         self._rank, self._world = rank, world_size
         self._explicit_rank = rank is not None
         self._vols = _Volumes(meta)
-        self.shards: list[tuple[str, int]] = _resolve_shards(urls, meta, handler)
+        self.shards: list[tuple[str, int]] = _resolve_shards(urls, self._vols, handler)
         self._fingerprint = zlib.crc32("\n".join(u for u, _ in self.shards).encode())
         # epoch, resume and "read by workers" live in shared memory: a set_epoch or a
         # load_state_dict in the main process reaches persistent workers
@@ -740,6 +772,7 @@ class JuiceIterableDataset(IterableDataset):
         self._progress_workers = 1
         self._loader: dict | None = None    # what a JuiceDataLoader reported (main process)
         self._local_resume: tuple | None = None
+        self._stream = 0                    # the stream the pass in this process produces
         self._resolve_rank()
 
     @property
@@ -787,8 +820,10 @@ class JuiceIterableDataset(IterableDataset):
         """Where this rank's pass stands: the epoch and, per worker, how many samples it has
         produced (a ``JuiceDataLoader`` counts those delivered to the training loop; direct
         iteration counts those handed out). Plain ints: save it with the checkpoint."""
+        batches = 0
         if self._loader is not None and self._loader["epoch"] == self.epoch:
             nw, pos = self._loader["num_workers"], self._loader["positions"]
+            batches = self._loader["batches"]
         elif self._progress and self._progress_epoch == self.epoch:
             nw, pos = self._progress_workers, self._progress
         elif int(self._shared[_SLOT_WORKERS_SEEN]) and get_worker_info() is None:
@@ -798,9 +833,9 @@ class JuiceIterableDataset(IterableDataset):
                 "torchjuice.data.JuiceDataLoader (same arguments as DataLoader) to make it resumable")
         else:                               # nothing read yet: the start (or a pending resume)
             resume = self._pending_resume()
-            nw, pos = (resume if resume is not None else (1, {}))
+            nw, pos, batches = (resume if resume is not None else (1, {}, 0))
         return {"version": 1, "epoch": self.epoch, **self._config(), "num_workers": nw,
-                "positions": [int(pos.get(w, 0)) for w in range(nw)]}
+                "positions": [int(pos.get(w, 0)) for w in range(nw)], "batches": int(batches)}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next pass is ``state``'s epoch without the samples it had produced. The
@@ -828,17 +863,19 @@ class JuiceIterableDataset(IterableDataset):
             return
         sh[_SLOT_RESUME_EPOCH] = epoch
         sh[_SLOT_RESUME_NW] = nw
-        sh[5:5 + nw] = torch.tensor(positions, dtype=torch.int64)
+        sh[_SLOT_ROTATE] = int(state.get("batches", 0))
+        sh[_SLOT_POS:_SLOT_POS + nw] = torch.tensor(positions, dtype=torch.int64)
         sh[_SLOT_GEN] = int(sh[_SLOT_GEN]) + 1
 
-    def _pending_resume(self) -> tuple[int, dict] | None:
-        """``(num_workers, {worker: skip})`` when a loaded state applies to the next pass."""
+    def _pending_resume(self) -> tuple[int, dict, int] | None:
+        """``(num_workers, {stream: skip}, batches)`` when a loaded state applies to the next
+        pass."""
         sh = self._shared
         gen = int(sh[_SLOT_GEN])
         if gen <= self._applied_gen or int(sh[_SLOT_RESUME_EPOCH]) != int(sh[_SLOT_EPOCH]):
             return None
         nw = int(sh[_SLOT_RESUME_NW])
-        return nw, {w: int(sh[5 + w]) for w in range(nw)}
+        return nw, {w: int(sh[_SLOT_POS + w]) for w in range(nw)}, int(sh[_SLOT_ROTATE])
 
     # -- reading -------------------------------------------------------------------------------------
     def worker_shards(self, epoch: int, rank: int, world_size: int, worker: int,
@@ -899,25 +936,25 @@ class JuiceIterableDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             self._shared[_SLOT_WORKERS_SEEN] = 1
-        rank, world = self._resolve_rank()
-        if len(self.shards) < world:
-            raise ValueError(f"{len(self.shards)} shards cannot be split over {world} ranks: each "
-                             "rank needs at least one shard (write more, smaller shards)")
+        rank, world = self._check_pass()
         epoch = self.epoch
         skip = 0
         resume = self._pending_resume()
         local = self._local_resume
         if local is not None and local[0] == epoch:
-            resume = (local[1], dict(enumerate(local[2])))
+            resume = (local[1], dict(enumerate(local[2])), 0)
             self._local_resume = None
+        stream = worker         # which of the epoch's per-worker streams this worker produces
         if resume is not None:
-            nw, positions = resume
-            if nw != num_workers:
-                raise ValueError(f"cannot resume: the state was saved with {nw} DataLoader "
-                                 f"workers, this pass has {num_workers}; use num_workers={nw} "
-                                 "(the order depends on the number of workers)")
-            skip = positions.get(worker, 0)
+            nw, positions, batches = resume
+            self._check_pass(num_workers, nw)
+            # the DataLoader asks worker 0 first: rotate the streams so that the batch after the
+            # last one delivered comes first, as it would have without the interruption
+            stream = (worker + batches) % num_workers
+            skip = positions.get(stream, 0)
         self._applied_gen = int(self._shared[_SLOT_GEN])
+        self._stream = stream
+        worker = stream
         sids = self.worker_shards(epoch, rank, world, worker, num_workers)
         if not sids:
             log.warning("rank %d worker %d of %d has no shard to read (%d shards for %d ranks x %d "
@@ -926,6 +963,21 @@ class JuiceIterableDataset(IterableDataset):
         self._progress = {worker: skip}
         self._progress_epoch, self._progress_workers = epoch, num_workers
         return self._generate(sids, rank, worker, epoch, skip)
+
+    def _check_pass(self, num_workers: int | None = None, resume_workers: int | None = None):
+        """Errors a pass would meet, raised before any worker starts; returns (rank, world)."""
+        rank, world = self._resolve_rank()
+        if len(self.shards) < world:
+            raise ValueError(f"{len(self.shards)} shards cannot be split over {world} ranks: each "
+                             "rank needs at least one shard (write more, smaller shards)")
+        if resume_workers is None:
+            resume = self._pending_resume()
+            resume_workers = resume[0] if resume is not None else None
+        if num_workers is not None and resume_workers is not None and resume_workers != num_workers:
+            raise ValueError(f"cannot resume: the state was saved with {resume_workers} DataLoader "
+                             f"workers, this pass has {num_workers}; use num_workers="
+                             f"{resume_workers} (the order depends on the number of workers)")
+        return rank, world
 
     def _generate(self, sids, rank, worker, epoch, skip) -> Iterator:
         inner = source = self._source(sids)
@@ -956,14 +1008,15 @@ class JuiceIterableDataset(IterableDataset):
             source.close()
             inner.close()
 
-    def _position(self, worker: int) -> int:
-        return int(self._progress.get(worker, 0))
+    def _position(self) -> tuple[int, int]:
+        """(stream, samples produced) of the pass running in this process."""
+        return self._stream, int(self._progress.get(self._stream, 0))
 
 
 # -- a DataLoader that knows what each worker delivered ---------------------------------------------
 class _Tracked(collections.namedtuple("_Tracked", "batch worker position epoch")):
-    """A batch with the position of its worker's stream after it (a namedtuple, so that
-    ``pin_memory`` pins the batch inside)."""
+    """A batch with its worker's stream and that stream's position after it (a namedtuple, so
+    that ``pin_memory`` pins the batch inside)."""
 
 
 class _TrackingCollate:
@@ -978,8 +1031,8 @@ class _TrackingCollate:
         batch = self.collate_fn(data)
         info = get_worker_info()
         ds = info.dataset if info is not None else self._dataset
-        worker = info.id if info is not None else 0
-        return _Tracked(batch, worker, ds._position(worker), ds.epoch)
+        stream, position = ds._position()
+        return _Tracked(batch, stream, position, ds.epoch)
 
 
 class JuiceDataLoader(DataLoader):
@@ -1002,16 +1055,20 @@ class JuiceDataLoader(DataLoader):
 
     def _tracked_iter(self, ds: JuiceIterableDataset):
         nw = max(1, self.num_workers)
+        ds._check_pass(nw)
         resume = ds._pending_resume()
-        positions = dict(resume[1]) if resume is not None and resume[0] == nw else {}
+        use = resume is not None and resume[0] == nw
         epoch = ds.epoch
-        ds._loader = report = {"epoch": epoch, "num_workers": nw, "positions": positions}
+        ds._loader = report = {"epoch": epoch, "num_workers": nw,
+                               "positions": dict(resume[1]) if use else {},
+                               "batches": resume[2] if use else 0}
         it = super().__iter__()           # workers have their copies of the dataset now
         if self.num_workers > 0:
             ds._applied_gen = int(ds._shared[_SLOT_GEN])
         for t in it:
             if t.epoch == epoch:
                 report["positions"][t.worker] = max(t.position, report["positions"].get(t.worker, 0))
+                report["batches"] += 1
             yield t.batch
 
 

@@ -64,11 +64,18 @@ def cmd_cp(a) -> int:
 def cmd_warmup(a) -> int:
     from tqdm import tqdm
     by_volume: dict[str, list[str]] = {}
+    mounted: dict[str, object] = {}
     for url in a.paths:
+        if not url.startswith("juice://"):       # a path inside a `torchjuice mount`
+            from ..fuse.control import mounted_volume
+            vol, path = mounted_volume(url)
+            mounted[vol.name] = vol
+            by_volume.setdefault(vol.name, []).append(path)
+            continue
         name, path = _volume.split_url(url)
         by_volume.setdefault(name, []).append(path)
     for name, paths in by_volume.items():
-        vol = _volume.volume_for(name)
+        vol = mounted.get(name) or _volume.volume_for(name)
         if vol.cache_dir is None:
             raise ValueError(f"volume {name!r} has no disk cache to warm: set TORCHJUICE_CACHE_DIR "
                              "(file:// and mem:// stores are not cached by default)")
@@ -106,7 +113,9 @@ def stats_table(sessions: list[dict]) -> str:
 
 
 def cmd_stats(a) -> int:
-    meta = new_meta(_volume.find_meta_url(a.volume))
+    from ..fuse.control import mount_info
+    info = mount_info(a.volume) if os.path.isdir(a.volume) else None     # a mountpoint
+    meta = new_meta(info["meta"] if info else _volume.find_meta_url(a.volume))
     try:
         meta.load()
         n = 0
@@ -160,16 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cp)
 
     w = sub.add_parser("warmup", help="fill the local disk cache with the blocks of files/dirs")
-    w.add_argument("paths", nargs="+", metavar="juice://VOL/path")
+    w.add_argument("paths", nargs="+", metavar="juice://VOL/path|MOUNTED_PATH")
     w.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_warmup)
 
     st = sub.add_parser("stats", help="live counters of the clients of a volume")
-    st.add_argument("volume", metavar="META_URL|NAME")
+    st.add_argument("volume", metavar="META_URL|NAME|MOUNTPOINT")
     st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     st.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
     st.add_argument("--json", action="store_true", help="one JSON line per refresh")
     st.set_defaults(func=cmd_stats)
+    from . import mount; mount.register(sub)  # noqa: E702
     return p
 
 

@@ -478,6 +478,21 @@ def test_async_save_failure_reaches_result_and_keeps_old(request, tmp_path):
                                state(3))
 
 
+def test_async_save_in_flight_finishes_before_the_interpreter_exits(vol, tmp_path):
+    script = (
+        "import torch, torchjuice as tj\n"
+        "sd = {'w': torch.arange(8 << 20, dtype=torch.float32)}\n"
+        "fut = tj.async_save(sd, 'juice://ck/exit/last.pt')\n"
+        "print('returned', fut.done(), flush=True)\n")        # and the script ends here
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=dict(os.environ), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("returned")
+    got = tj.load("juice://ck/exit/last.pt")
+    assert torch.equal(got["w"], torch.arange(8 << 20, dtype=torch.float32))
+    assert vol.listdir("/exit") == ["last.pt"]
+
+
 def test_async_save_bad_target_fails_at_once(vol):
     with pytest.raises(tj.InvalidURLError):
         tj.async_save({"x": 1}, "juice://")

@@ -484,6 +484,29 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
+
+def _finish_at_exit() -> None:
+    """Finish the saves in flight when the interpreter exits. This runs before
+    concurrent.futures' own exit hook (registered earlier, run later), after which no thread pool
+    (the volume's uploads included) accepts work."""
+    for s in list(_savers):
+        fut = s._inflight
+        if fut is None or fut.done():
+            continue
+        try:
+            fut.result()
+        except BaseException as e:                   # nobody is left to call result()
+            import sys
+            print(f"torchjuice: async checkpoint save failed: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+
+
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_finish_at_exit)
+else:                                                # pragma: no cover - older Pythons
+    import atexit
+    atexit.register(_finish_at_exit)
+
 _default_saver: AsyncSaver | None = None
 _default_lock = threading.Lock()
 

@@ -193,6 +193,29 @@ def test_mount_errors_are_one_line(fuse_ok, tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr
 
 
+def test_umount_clears_a_dead_mount(fuse_ok, tmp_path):
+    url = _volume(f"sqlite3://{tmp_path}/m.db", tmp_path)
+    mp = tmp_path / "mnt"
+    m = Mount(url, mp)
+    try:
+        (mp / "kept").write_bytes(b"committed")
+        os.kill(m.pid, 9)                 # the mount process dies: the kernel mount stays, dead
+        deadline = time.time() + 10
+        while _alive(m.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(OSError) as e:
+            os.listdir(mp)
+        assert e.value.errno == errno.ENOTCONN
+        p = subprocess.run(CLI + ["mount", url, str(mp), "-d"], capture_output=True, text=True)
+        assert p.returncode == 1 and "umount" in p.stderr
+        p = subprocess.run(CLI + ["umount", str(mp)], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        m = Mount(url, mp)
+        assert (mp / "kept").read_bytes() == b"committed"
+    finally:
+        m.close()
+
+
 # -- differential: the same random operations on the mount and on a local directory -----------------
 DIRS = ["d1", "d2", "d1/d3"]
 FILES = ["a", "b", "c", "d1/a", "d1/b", "d2/a", "d2/c", "d1/d3/a", "d1/d3/b"]

@@ -6,6 +6,7 @@ daemon's log goes to ``$TORCHJUICE_HOME/logs/mount-NAME.log`` unless ``--log`` s
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -16,16 +17,17 @@ from ..units import parse_size
 
 
 def cmd_mount(a) -> int:
-    from ..fuse.mount import check_fuse
+    from ..fuse.mount import check_fuse, is_mounted
 
     check_fuse()
     mp = os.path.abspath(a.mountpoint)
+    if is_mounted(mp):
+        raise OSError(errno.EBUSY, "something is already mounted there (`torchjuice umount` it "
+                      "first)", mp)
     if not os.path.isdir(mp):
         if os.path.exists(mp):
-            raise NotADirectoryError(20, "mountpoint is not a directory", mp)
+            raise NotADirectoryError(errno.ENOTDIR, "mountpoint is not a directory", mp)
         os.makedirs(mp)
-    if os.path.ismount(mp):
-        raise OSError(16, "something is already mounted there", mp)
     url = _volume.find_meta_url(a.volume)
     if not a.daemon:
         _logging(a, None)
@@ -72,7 +74,7 @@ def cmd_mount(a) -> int:
         pass
     msg = line[len("error: "):] if line.startswith("error: ") else \
         f"the mount process exited before the mount was ready; see {log_path}"
-    raise OSError(5, msg)
+    raise OSError(errno.EIO, msg)
 
 
 def _run(a, url: str, mp: str, ready_fd: int | None) -> None:

@@ -126,8 +126,30 @@ def set_kernel_readahead(dev: int, nbytes: int) -> bool:
         return False
 
 
+def is_mounted(mountpoint: str) -> bool:
+    """Whether something is mounted at ``mountpoint`` (also a dead FUSE mount, which
+    ``os.path.ismount`` cannot stat)."""
+    mp = os.path.abspath(mountpoint)
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 1 and _unescape(fields[1]) == mp:
+                    return True
+    except OSError:
+        return os.path.ismount(mp)
+    return False
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
+        .replace("\\134", "\\")
+
+
 def unmount(mountpoint: str, lazy: bool = False) -> None:
     """``fusermount3 -u`` (``-z`` when lazy); ``umount`` where fusermount3 is missing."""
+    if not is_mounted(mountpoint):
+        raise OSError(errno.EINVAL, "nothing is mounted there", mountpoint)
     exe = shutil.which("fusermount3") or shutil.which("fusermount")
     if exe:
         cmd = [exe, "-u"] + (["-z"] if lazy else []) + [mountpoint]
@@ -135,10 +157,10 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         cmd = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        msg = (r.stderr or r.stdout).strip().splitlines()
-        raise OSError(errno.EBUSY if "busy" in " ".join(msg).lower() else errno.EINVAL,
-                      (msg[-1] if msg else f"{cmd[0]} failed") +
-                      ("" if lazy else " (close the files open there, or use --lazy)"))
+        msg = " ".join((r.stderr or r.stdout).split()) or f"{cmd[0]} failed"
+        busy = "busy" in msg.lower()
+        raise OSError(errno.EBUSY if busy else errno.EIO,
+                      msg + (" (close the files open there, or use --lazy)" if busy else ""))
 
 
 def wait_gone(pid: int, timeout: float) -> bool:

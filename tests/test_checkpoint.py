@@ -530,6 +530,32 @@ def test_dcp_single_process_writer_reader_and_fsspec(vol):
     assert ck.retain("juice://ck/dcp", keep=1, key="name") == ["juice://ck/dcp/fsspec"]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_writer_reader_on_an_open_volume_and_streamed_items(request, tmp_path, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException   # a BaseException
+    v, store = _faulty(request, tmp_path)                 # a Volume object, not a registered URL
+    sd = {"big": torch.randn(300_000), "small": torch.arange(10), "meta": {"k": "v"}}
+    dcp.save(sd, storage_writer=ck.JuiceStorageWriter("/run/c1", volume=v))
+    monkeypatch.setattr(ck, "DCP_WHOLE_ITEM", 4096)       # "big" now streams, "small" is fetched whole
+    out = {"big": torch.zeros(300_000), "small": torch.zeros(10, dtype=torch.int64),
+           "meta": {"k": ""}}
+    dcp.load(out, storage_reader=ck.JuiceStorageReader("/run/c1", volume=v))
+    assert same(out, sd)
+    store.fail_always(True, ops=["get"])                  # a failing store reaches dcp.load's caller
+    with pytest.raises((OSError, CheckpointException), match="injected failure"):
+        dcp.load(out, storage_reader=ck.JuiceStorageReader("/run/c1", volume=v))
+    store.fail_always(False)
+    store.fail_always(True, ops=["put"])                  # and a failing save leaves the old one
+    with pytest.raises((OSError, CheckpointException), match="injected failure"):
+        dcp.save({**sd, "small": torch.zeros(10, dtype=torch.int64)},
+                 storage_writer=ck.JuiceStorageWriter("/run/c1", volume=v))
+    store.fail_always(False)
+    out["small"].zero_()
+    dcp.load(out, storage_reader=ck.JuiceStorageReader("/run/c1", volume=v))
+    assert same(out, sd)
+
+
 def _dcp_rank(rank: int, world: int, init: str, url: str, use_ours: bool) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp

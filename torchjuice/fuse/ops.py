@@ -111,11 +111,26 @@ class JuiceFuse(pyfuse3.Operations):
         # reads from a local store (or its page cache) are quick: serve them on the event loop;
         # reads that may wait for the network go to a worker thread
         self.inline_reads = vol.format.storage.startswith(("file://", "mem://"))
+        self.inline_meta = self.meta.url.startswith(("sqlite3://", "sqlite://"))
         self._read_buf = bytearray(1 << 20)
 
     # -- helpers -------------------------------------------------------------------------------------
     @staticmethod
-    async def _call(fn, *args):
+    async def _thread(fn, *args):
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def _meta(self, fn, *args):
+        """A metadata call: on the event loop for SQLite (a local call; a thread hop would cost
+        more CPU than the call), in a worker thread for network engines."""
+        if self.inline_meta:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def _data(self, fn, *args):
+        """A call that may also delete or commit blocks (unlink, rename over a file, truncate,
+        close): inline only when both the engine and the store are local."""
+        if self.inline_meta and self.inline_reads:
+            return fn(*args)
         return await trio.to_thread.run_sync(fn, *args)
 
     def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
@@ -176,7 +191,7 @@ class JuiceFuse(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         if self._is_control(parent_inode, name):
             return self._control_entry()
-        return self._entry(await self._call(self.meta.lookup, parent_inode, _name(name)))
+        return self._entry(await self._meta(self.meta.lookup, parent_inode, _name(name)))
 
     async def forget(self, inode_list):
         pass        # inodes live in the engine; nothing is kept per lookup
@@ -185,13 +200,13 @@ class JuiceFuse(pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         if inode == CONTROL_INODE:
             return self._control_entry()
-        return self._entry(await self._call(self.meta.getattr, inode))
+        return self._entry(await self._meta(self.meta.getattr, inode))
 
     @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         if inode == CONTROL_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._entry(await self._call(self._setattr, inode, attr, fields))
+        return self._entry(await self._data(self._setattr, inode, attr, fields))
 
     def _setattr(self, inode, attr, fields) -> Attr:
         a = None
@@ -222,14 +237,14 @@ class JuiceFuse(pyfuse3.Operations):
 
     @_fuse_errors
     async def readlink(self, inode, ctx):
-        target = await self._call(self.meta.readlink, inode)
+        target = await self._meta(self.meta.readlink, inode)
         return target.encode("utf-8", "surrogateescape")
 
     @_fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         if not _stat.S_ISREG(mode):
             raise pyfuse3.FUSEError(errno.EPERM)   # no devices, fifos or sockets (yet)
-        return self._entry(await self._call(self._create, parent_inode, name, mode, ctx))
+        return self._entry(await self._meta(self._create, parent_inode, name, mode, ctx))
 
     def _create(self, parent, name, mode, ctx) -> Attr:
         if self._is_control(parent, name):
@@ -239,7 +254,7 @@ class JuiceFuse(pyfuse3.Operations):
 
     @_fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._entry(await self._call(self._mkdir, parent_inode, name, mode, ctx))
+        return self._entry(await self._meta(self._mkdir, parent_inode, name, mode, ctx))
 
     def _mkdir(self, parent, name, mode, ctx) -> Attr:
         if self._is_control(parent, name):
@@ -249,7 +264,7 @@ class JuiceFuse(pyfuse3.Operations):
 
     @_fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        return self._entry(await self._call(self._symlink, parent_inode, name, target, ctx))
+        return self._entry(await self._meta(self._symlink, parent_inode, name, target, ctx))
 
     def _symlink(self, parent, name, target, ctx) -> Attr:
         if self._is_control(parent, name):
@@ -261,27 +276,27 @@ class JuiceFuse(pyfuse3.Operations):
     async def unlink(self, parent_inode, name, ctx):
         if self._is_control(parent_inode, name):
             raise pyfuse3.FUSEError(errno.EPERM)
-        await self._call(self.meta.unlink, parent_inode, _name(name))
+        await self._data(self.meta.unlink, parent_inode, _name(name))
 
     @_fuse_errors
     async def rmdir(self, parent_inode, name, ctx):
         if self._is_control(parent_inode, name):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        await self._call(self.meta.rmdir, parent_inode, _name(name))
+        await self._meta(self.meta.rmdir, parent_inode, _name(name))
 
     @_fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         if self._is_control(parent_inode_old, name_old) or \
                 self._is_control(parent_inode_new, name_new):
             raise pyfuse3.FUSEError(errno.EPERM)
-        await self._call(self.meta.rename, parent_inode_old, _name(name_old), parent_inode_new,
+        await self._data(self.meta.rename, parent_inode_old, _name(name_old), parent_inode_new,
                          _name(name_new), flags)
 
     @_fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
         if inode == CONTROL_INODE or self._is_control(new_parent_inode, new_name):
             raise pyfuse3.FUSEError(errno.EPERM)
-        return self._entry(await self._call(self.meta.link, inode, new_parent_inode,
+        return self._entry(await self._meta(self.meta.link, inode, new_parent_inode,
                                             _name(new_name)))
 
     # -- files ---------------------------------------------------------------------------------------
@@ -365,12 +380,12 @@ class JuiceFuse(pyfuse3.Operations):
             fh = self._new_fh(None)
             self._control_fhs.add(fh)
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-        fh, keep = await self._call(self._open, inode, flags)
+        fh, keep = await self._data(self._open, inode, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fh, a = await self._call(self._create_open, parent_inode, name, mode, flags, ctx)
+        fh, a = await self._data(self._create_open, parent_inode, name, mode, flags, ctx)
         return pyfuse3.FileInfo(fh=fh, keep_cache=False), self._entry(a)
 
     def _create_open(self, parent, name, mode, flags, ctx) -> tuple[int, Attr]:
@@ -410,7 +425,7 @@ class JuiceFuse(pyfuse3.Operations):
                 return self._read_locked(of, off, memoryview(self._read_buf)[:size])
             finally:
                 of.lock.release()
-        return await self._call(self._read, of, off, size)
+        return await self._thread(self._read, of, off, size)
 
     def _read(self, of: OpenFile, off: int, size: int):
         with of.lock:
@@ -434,7 +449,7 @@ class JuiceFuse(pyfuse3.Operations):
                 return self._write_locked(of, off, buf)
             finally:
                 of.lock.release()
-        return await self._call(self._write, of, off, buf)
+        return await self._thread(self._write, of, off, buf)
 
     def _write(self, of: OpenFile, off: int, buf) -> int:
         with of.lock:
@@ -451,7 +466,7 @@ class JuiceFuse(pyfuse3.Operations):
     async def flush(self, fh):
         of = self._handles.get(fh)
         if of is not None and of.dirty:
-            await self._call(self._flush, of)
+            await self._thread(self._flush, of)
 
     @staticmethod
     def _flush(of: OpenFile) -> None:
@@ -464,7 +479,7 @@ class JuiceFuse(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         of = self._handles.get(fh)
         if of is not None:
-            await self._call(self._flush, of)
+            await self._thread(self._flush, of)
 
     @_fuse_errors
     async def release(self, fh):
@@ -475,7 +490,7 @@ class JuiceFuse(pyfuse3.Operations):
             if of.refs > 1:
                 self._drop_ref(of)          # not the last: nothing to close
             else:
-                await self._call(self._drop_ref, of)
+                await self._data(self._drop_ref, of)
 
     @staticmethod
     def _close(of: OpenFile) -> None:
@@ -485,7 +500,7 @@ class JuiceFuse(pyfuse3.Operations):
     # -- directories ---------------------------------------------------------------------------------
     @_fuse_errors
     async def opendir(self, inode, ctx):
-        a = await self._call(self.meta.getattr, inode)
+        a = await self._meta(self.meta.getattr, inode)
         if not a.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         with self._lock:
@@ -500,7 +515,7 @@ class JuiceFuse(pyfuse3.Operations):
         if d is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         if start_id == 0 or d[1] is None:      # a new listing (or rewinddir): read it fresh
-            d[1] = await self._call(self._listing, d[0])
+            d[1] = await self._meta(self._listing, d[0])
         entries = d[1]
         for i in range(start_id, len(entries)):
             name, entry = entries[i]
@@ -528,7 +543,7 @@ class JuiceFuse(pyfuse3.Operations):
     # -- volume --------------------------------------------------------------------------------------
     @_fuse_errors
     async def statfs(self, ctx):
-        used, inodes = await self._call(self.meta.statfs)
+        used, inodes = await self._meta(self.meta.statfs)
         s = pyfuse3.StatvfsData()
         s.f_bsize = BLKSIZE
         s.f_frsize = 4096
@@ -546,26 +561,26 @@ class JuiceFuse(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         if inode == CONTROL_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
-        await self._call(self.meta.setxattr, inode, _name(name), value)
+        await self._meta(self.meta.setxattr, inode, _name(name), value)
 
     @_fuse_errors
     async def getxattr(self, inode, name, ctx):
         if inode == CONTROL_INODE:
             raise pyfuse3.FUSEError(errno.ENODATA)
-        return await self._call(self.meta.getxattr, inode, _name(name))
+        return await self._meta(self.meta.getxattr, inode, _name(name))
 
     @_fuse_errors
     async def listxattr(self, inode, ctx):
         if inode == CONTROL_INODE:
             return []
-        names = await self._call(self.meta.listxattr, inode)
+        names = await self._meta(self.meta.listxattr, inode)
         return [n.encode("utf-8", "surrogateescape") for n in names]
 
     @_fuse_errors
     async def removexattr(self, inode, name, ctx):
         if inode == CONTROL_INODE:
             raise pyfuse3.FUSEError(errno.EPERM)
-        await self._call(self.meta.removexattr, inode, _name(name))
+        await self._meta(self.meta.removexattr, inode, _name(name))
 
     # -- shutdown ------------------------------------------------------------------------------------
     def close_all(self) -> None:

@@ -426,6 +426,23 @@ def redis_mount(fuse_ok, request, tmp_path_factory):
     m.close()
 
 
+@pytest.fixture(scope="module")
+def s3_mount(fuse_ok, request, tmp_path_factory):
+    """SQLite + the S3 server: reads, truncates and deletes take the worker-thread paths."""
+    root = tmp_path_factory.mktemp("fuses3")
+    home = root / "home"
+    os.environ["TORCHJUICE_HOME"] = str(home)
+    try:
+        url = make_meta_url("sqlite", request, root)
+        tj.format(url, "fusevol", storage=request.getfixturevalue("s3_server").url(),
+                  trash_days=0)
+    finally:
+        del os.environ["TORCHJUICE_HOME"]
+    m = Mount(url, root / "mnt", "--cache-dir", str(root / "cache"), home=home)
+    yield m
+    m.close()
+
+
 @pytest.mark.parametrize("engine", ["sqlite", "redis"])
 def test_differential_random_operations(engine, request, tmp_path):
     m = request.getfixturevalue(f"{engine}_mount")
@@ -439,6 +456,18 @@ def test_differential_random_operations(engine, request, tmp_path):
     finally:
         os.umask(old)
     assert n == 8 * 201
+
+
+def test_differential_on_s3_store(s3_mount, tmp_path):
+    d = s3_mount.path("diff-s3")
+    os.mkdir(d)
+    local = tmp_path / "local"
+    local.mkdir()
+    old = os.umask(0o022)
+    try:
+        assert run_differential(d, str(local), seeds=range(100, 104), n_ops=150) == 4 * 151
+    finally:
+        os.umask(old)
 
 
 # -- POSIX details -----------------------------------------------------------------------------------

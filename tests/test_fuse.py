@@ -8,6 +8,7 @@ result and errno, then the whole tree. Without a usable /dev/fuse the tests skip
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -109,6 +110,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _home(home):
+    """TORCHJUICE_HOME for a module-scoped volume (set up before the per-test home exists)."""
+    old = os.environ.get("TORCHJUICE_HOME")
+    os.environ["TORCHJUICE_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TORCHJUICE_HOME"]
+        else:
+            os.environ["TORCHJUICE_HOME"] = old
+
+
 def _volume(meta_url: str, root) -> str:
     # no trash: a removed file goes at once, as on a local file system (nlink 0 while open)
     tj.format(meta_url, "fusevol", storage=f"file://{root}/bucket", trash_days=0)
@@ -121,11 +136,8 @@ def sqlite_mount(fuse_ok, request, tmp_path_factory):
     directory in it)."""
     root = tmp_path_factory.mktemp("fusevol")
     home = root / "home"
-    os.environ["TORCHJUICE_HOME"] = str(home)
-    try:
+    with _home(home):
         url = _volume(make_meta_url("sqlite", request, root), root)
-    finally:
-        del os.environ["TORCHJUICE_HOME"]
     m = Mount(url, root / "mnt", home=home)
     m.meta_url, m.root = url, root
     yield m
@@ -416,11 +428,8 @@ def run_differential(mount_dir: str, local_dir: str, seeds, n_ops: int) -> int:
 def redis_mount(fuse_ok, request, tmp_path_factory):
     root = tmp_path_factory.mktemp("fuseredis")
     home = root / "home"
-    os.environ["TORCHJUICE_HOME"] = str(home)
-    try:
+    with _home(home):
         url = _volume(make_meta_url("redis", request, root), root)
-    finally:
-        del os.environ["TORCHJUICE_HOME"]
     m = Mount(url, root / "mnt", home=home)
     yield m
     m.close()
@@ -431,13 +440,10 @@ def s3_mount(fuse_ok, request, tmp_path_factory):
     """SQLite + the S3 server: reads, truncates and deletes take the worker-thread paths."""
     root = tmp_path_factory.mktemp("fuses3")
     home = root / "home"
-    os.environ["TORCHJUICE_HOME"] = str(home)
-    try:
+    with _home(home):
         url = make_meta_url("sqlite", request, root)
         tj.format(url, "fusevol", storage=request.getfixturevalue("s3_server").url(),
                   trash_days=0)
-    finally:
-        del os.environ["TORCHJUICE_HOME"]
     m = Mount(url, root / "mnt", "--cache-dir", str(root / "cache"), home=home)
     yield m
     m.close()

@@ -13,8 +13,11 @@ file system, and writes commit in the order they were made. ``flush`` (every ``c
 API. ``open`` reads the attributes fresh; the kernel page cache of a file is kept only when its
 length, mtime and ctime did not change since this mount last opened it.
 
-Blocking calls (metadata round trips, block I/O) run in worker threads (``trio.to_thread``), so a
-slow request never stalls the others. Errors are ``OSError`` with the errno a local file system
+Calls that may wait on the network (metadata round trips to Redis/PostgreSQL, reads and deletes
+on a remote store, flushes waiting for uploads) run in worker threads (``trio.to_thread``), so one
+slow request does not stall the others; quick local ones (SQLite calls, writes into the slice
+buffer, reads from a local store) run on the event loop, where a thread hop would cost more than
+the call. Errors are ``OSError`` with the errno a local file system
 gives, passed to the kernel as ``FUSEError``; anything unexpected is logged and becomes ``EIO``
 (pyfuse3 would otherwise stop the whole mount).
 """

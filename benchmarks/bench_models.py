@@ -248,6 +248,8 @@ def main() -> None:
     from torchjuice.testing import S3Server, ServerUnavailable
     from .common import fmt_table, machine, write_results
 
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))     # stop the S3 server, remove files
     size = parse_size(a.size)
     work = tempfile.mkdtemp(prefix="tj-bench-models-")
     home = os.path.join(work, "home")

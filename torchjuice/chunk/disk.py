@@ -43,13 +43,33 @@ _FOOTER = struct.Struct("<4sI")           # magic, number of segments
 _caches: "weakref.WeakSet[DiskCache]" = weakref.WeakSet()
 
 
+def _before_fork() -> None:
+    # No thread may be inside _locked() while we fork: the child would inherit the descriptor
+    # that holds the flock, never close it, and keep every process out of the cache for good.
+    global _held
+    _held = [c._tlock for c in list(_caches)]
+    for lock in _held:
+        lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    global _held
+    for lock in _held:
+        lock.release()
+    _held = []
+
+
 def _after_fork_in_child() -> None:
+    global _held
+    _held = []
     for c in list(_caches):         # a parent's thread may have held these at fork time
         c._tlock = threading.Lock()
         c._fdlock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+_held: list = []
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent,
+                    after_in_child=_after_fork_in_child)
 
 
 class CacheMiss(Exception):

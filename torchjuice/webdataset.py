@@ -45,6 +45,7 @@ class ShardReader(io.RawIOBase):
             off += read_size
         units.append(_Unit(0, url, off, -1, True))
         self._reader = Prefetcher(vols, units, io_threads, prefetch_bytes)
+        self._obj = None
         self._view = memoryview(b"")
         self._pos = 0
 
@@ -62,7 +63,10 @@ class ShardReader(io.RawIOBase):
                 return 0
             if isinstance(data, BaseException):
                 raise data
+            old, self._obj = self._obj, data
             self._view, self._pos = memoryview(data), 0
+            if old is not None:
+                self._reader.recycle(old)
         n = min(len(out), len(self._view) - self._pos)
         out[:n] = self._view[self._pos:self._pos + n]
         self._pos += n

@@ -459,3 +459,32 @@ def test_webdataset_juice_urls(vol):
     with wds.TarWriter(f"juice://{VOL}/out.tar") as w:          # writes go through gopen too
         w.write({"__key__": "a", "txt": "hello"})
     assert [s["txt"] for s in wds.WebDataset(f"juice://{VOL}/out.tar", shardshuffle=False)] == [b"hello"]
+
+
+def test_fork_while_the_cache_lock_is_held(tmp_path):
+    """A DataLoader forks its workers while the parent's threads use the volume: a child must not
+    inherit the disk cache's lock (it would keep every process out of the cache for good)."""
+    import threading
+    import time
+
+    from torchjuice.chunk.disk import DiskCache
+    cache = DiskCache(str(tmp_path / "cache"), "uuid-1", 1 << 20, 0.0)
+    inside = threading.Event()
+
+    def hold():
+        with cache._locked():
+            inside.set()
+            time.sleep(0.3)
+    t = threading.Thread(target=hold)
+    t.start()
+    inside.wait()
+    pid = os.fork()                 # waits until the lock is released
+    if pid == 0:
+        import signal
+        signal.alarm(10)
+        with cache._locked():
+            pass
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    t.join()
+    assert os.waitstatus_to_exitcode(status) == 0

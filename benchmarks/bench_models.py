@@ -404,6 +404,13 @@ def main() -> None:
                  "process that only imports torch, safetensors and torchjuice. "
                  "'x baseline' is baseline seconds / tj seconds (higher is better for tj).\n\n"
                  + __doc__.split("\n\n", 3)[3])
+        if "runai_s3" in errors:
+            notes += ("\n\nrunai-model-streamer on S3 failed here: it reads the file as one object "
+                      "with ranged GETs, moto serves each ranged GET of a 1.5 GiB object slowly, and "
+                      "runai's AWS CRT client aborts such connections ('Http connection channel "
+                      "shut down due to failure to meet throughput minimum'; RUNAI_STREAMER_S3_TIMEOUT "
+                      "does not change it). It works against moto for small models (a 64 MiB run: "
+                      "1.8 s, 4.4x slower than tj.load_safetensors). Its local-file row stands.")
         print("wrote", write_results("models", out_rows, table, notes))
 
 

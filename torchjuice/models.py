@@ -51,11 +51,10 @@ __all__ = ["load_safetensors", "safe_open", "save_safetensors", "iter_safetensor
 MAX_HEADER_SIZE = 100_000_000
 #: the first request reads this much: the 8-byte length and, nearly always, the whole header.
 HEADER_PROBE = 64 << 10
-#: parallel block reads from a remote store (the volume's own download pool has 16 too)...
+#: parallel block reads (the volume's own download pool has 16 too). Local stores use as many:
+#: on a busy machine a loader with fewer threads than its neighbours gets a smaller CPU share.
 THREADS = 16
-#: ...and from a local one (file://, mem://), where a read is a memory copy: more threads than
-#: cores only contend.
-LOCAL_THREADS = max(2, min(THREADS, os.cpu_count() or 2))
+LOCAL_THREADS = THREADS
 #: CUDA: pinned staging buffers in the ring, and the bytes each holds.
 STAGING_BUFFERS = 4
 STAGING_BYTES = 64 << 20
@@ -672,7 +671,7 @@ def load_safetensors(url, device="cpu", *, volume: Volume | None = None, meta: s
     into ``device``. Equal to ``safetensors.torch.load_file`` on the same bytes.
 
     ``url`` is ``juice://VOL/path``, or a path inside ``volume``. ``threads`` block reads run at
-    once (default: 16 for a remote store, the number of cores for a local one). CPU tensors share
+    once (default 16). CPU tensors share
     one allocation, each with a storage of its own bytes."""
     return dict(iter_safetensors(url, device, volume=volume, meta=meta, threads=threads))
 

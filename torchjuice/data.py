@@ -260,7 +260,7 @@ class JuiceDataset(Dataset):
     """
 
     def __init__(self, url_or_list, transform: Callable | None = None, *, with_url: bool = False,
-                 meta: str | None = None, io_threads: int = 16):
+                 meta: str | None = None, io_threads: int = 8):
         self.transform = transform
         self.with_url = with_url
         self.io_threads = io_threads
@@ -806,15 +806,16 @@ class JuiceIterableDataset(IterableDataset):
     Errors: ``handler`` decides (webdataset convention): the default raises; ``warn_and_continue``
     logs and skips the shard (rest of it) or the sample whose ``transform`` failed.
 
-    Reading: each worker reads ahead on ``io_threads`` threads, up to ``prefetch_bytes`` in
-    flight, shards in windows of ``read_size`` — the next shard is fetched while this one is parsed.
+    Reading: each worker reads ahead on ``io_threads`` threads (default: 2 for tar shards larger
+    than ``read_size``, 8 for small files), up to ``prefetch_bytes`` in flight, shards in windows of
+    ``read_size`` — the next shard is fetched while this one is parsed.
     """
 
     def __init__(self, urls, shuffle: bool = False, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, *, buffer_size: int = 1000,
                  transform: Callable | None = None, handler: Callable | None = None,
                  meta: str | None = None, read_size: int = 8 * MiB,
-                 prefetch_bytes: int = 64 * MiB, io_threads: int = 8):
+                 prefetch_bytes: int = 64 * MiB, io_threads: int | None = None):
         super().__init__()
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
@@ -827,7 +828,7 @@ class JuiceIterableDataset(IterableDataset):
         self.handler = handler
         self.read_size = max(64 << 10, int(read_size))
         self.prefetch_bytes = int(prefetch_bytes)
-        self.io_threads = int(io_threads)
+        self.io_threads = io_threads
         self._rank, self._world = rank, world_size
         self._explicit_rank = rank is not None
         self._vols = _Volumes(meta)
@@ -958,8 +959,14 @@ class JuiceIterableDataset(IterableDataset):
 
     def _source(self, sids: list[int]) -> Iterator[dict]:
         """Samples of the worker's shards, in order, before the shuffle buffer."""
+        threads = self.io_threads
+        if threads is None:
+            # a window of a big shard is itself read block-parallel by the volume: two in flight
+            # keep the store busy (more only add contention); small files want more at once
+            big = sum(1 for i in sids if self.shards[i][1] > self.read_size and _is_tar(self.shards[i][0]))
+            threads = 2 if big * 2 >= len(sids) else 8
         reader = Prefetcher(self._vols, plan_units(self.shards, sids, self.read_size),
-                            self.io_threads, self.prefetch_bytes)
+                            threads, self.prefetch_bytes)
         try:
             while True:
                 try:

@@ -23,14 +23,14 @@ _gopen = importlib.import_module("webdataset.gopen")
 from .data import MiB, Prefetcher, _Unit, _Volumes
 from .volume import open_url, split_url
 
-_options = {"meta": None, "read_size": 8 * MiB, "prefetch_bytes": 64 * MiB, "io_threads": 4}
+_options = {"meta": None, "read_size": 8 * MiB, "prefetch_bytes": 64 * MiB, "io_threads": 2}
 
 
 class ShardReader(io.RawIOBase):
     """A read-only, forward-only file over one ``juice://`` file, read ahead in windows."""
 
     def __init__(self, url: str, meta: str | None = None, read_size: int = 8 * MiB,
-                 prefetch_bytes: int = 64 * MiB, io_threads: int = 4):
+                 prefetch_bytes: int = 64 * MiB, io_threads: int = 2):
         super().__init__()
         self.name = url
         vols = _Volumes(meta)

@@ -1,0 +1,51 @@
+"""The MLPerf-style benchmark's smoke run (`python -m benchmarks.mlperf --smoke`): every backend and
+workload at a tiny scale, N in {1, 2}; results go to --out, not to benchmarks/results."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BACKENDS = {"torchjuice local-dir store (warm)", "torchjuice S3 (cold)", "torchjuice S3 (warm)",
+            "local directory (warm)", "s3torchconnector S3 (cold)"}
+WORKLOADS = {"unet3d", "resnet50", "cosmoflow"}
+
+
+def test_mlperf_smoke(tmp_path):
+    out = tmp_path / "out"
+    results = os.path.join(ROOT, "benchmarks", "results")
+
+    def committed():
+        return {n: os.stat(os.path.join(results, n)).st_mtime_ns for n in os.listdir(results)
+                if n.startswith("mlperf.")} if os.path.isdir(results) else {}
+    before = committed()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.mlperf", "--smoke", "--out", str(out),
+                           "--work", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((out / "mlperf.json").read_text())
+    rows = [r for r in data["rows"] if "workload" in r]
+    training = [r for r in rows if r["workload"] in WORKLOADS]
+    seen = {(r["workload"], r["backend"]) for r in training}
+    assert seen == {(w, b) for w in WORKLOADS for b in BACKENDS}
+    for r in training:
+        assert r.get("error") is None, r
+        assert 0 < r["au"] <= 1, r
+        assert {r2["n"] for r2 in training
+                if (r2["workload"], r2["backend"]) == (r["workload"], r["backend"])} == {1, 2}
+        assert r["samples_per_s"] > 0 and r["MiB_per_s"] > 0
+    ckpt = [r for r in rows if r["workload"] == "checkpoint"]
+    assert len(ckpt) == 4
+    for r in ckpt:
+        assert r.get("error") is None, r
+        assert r["write_GBps"] > 0 and r["read_GBps"] > 0 and r["verified"], r
+    summary = next(r for r in data["rows"] if "summary" in r)["summary"]
+    assert {(s["workload"], s["backend"]) for s in summary} == seen
+    assert all(0 <= s["max_n"] <= 2 for s in summary)
+    png = out / "mlperf.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "mlperf.md").exists()
+    # nothing written to the committed results
+    assert committed() == before

@@ -149,10 +149,10 @@ def test_missing_parents_are_created_and_bad_targets_refused(vol):
     tj.save({"k": 1}, "juice://ck/deep/er/still/x.pt")
     assert vol.isdir("/deep/er/still") and tj.load("juice://ck/deep/er/still/x.pt") == {"k": 1}
     vol.makedirs("/adir/sub")
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(IsADirectoryError, match="juice://ck/adir"):
         tj.save({"k": 1}, "juice://ck/adir")
     vol.write_bytes("/afile", b"x")
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(NotADirectoryError, match="juice://ck/afile/x.pt"):
         tj.save({"k": 1}, "juice://ck/afile/x.pt")
     with pytest.raises(FileNotFoundError, match="juice://ck/nope.pt"):
         tj.load("juice://ck/nope.pt")
@@ -184,7 +184,7 @@ def test_failing_store_keeps_old_checkpoint_and_raises(request, tmp_path, when):
     v, store = _faulty(request, tmp_path)
     tj.save(state(1, MiB), (v, "/c/ck.pt"))
     if when == "first":
-        store.fail_next(1, op="put")
+        store.fail_next(1, op="put", exc=PermissionError)  # not transient (EIO is retried)
     else:
         store.fail_always(True, ops=["put"])
     big = state(2, 6 * MiB)                             # 24 MiB of floats: many 1 MiB blocks

@@ -128,20 +128,32 @@ def _tmp_name(name: str) -> str:
     return f".{name}{tail}"
 
 
+def _named(e: OSError, url: str) -> OSError:
+    """The same built-in OSError naming ``url`` (torchjuice's own errors already say enough)."""
+    if type(e).__module__ != "builtins" or e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror, url)
+
+
 def _create_tmp(vol: Volume, path: str):
     """Open a fresh temporary file next to ``path`` (parents made when missing); returns
     ``(file, tmp path)``."""
     parent, name = posixpath.split(path)
-    if not name:
-        raise oserror(errno.EISDIR, _url(vol, path))
-    if vol.isdir(path):
-        raise oserror(errno.EISDIR, _url(vol, path))
+    url = _url(vol, path)
+    if not name or vol.isdir(path):
+        raise oserror(errno.EISDIR, url)
     tmp = posixpath.join(parent, _tmp_name(name))
     try:
-        f = vol.open(tmp, "xb")
-    except FileNotFoundError:
-        vol.makedirs(parent, exist_ok=True)
-        f = vol.open(tmp, "xb")
+        try:
+            f = vol.open(tmp, "xb")
+        except FileNotFoundError:
+            vol.makedirs(parent, exist_ok=True)
+            f = vol.open(tmp, "xb")
+    except OSError as e:
+        new = _named(e, url)
+        if new is e:
+            raise
+        raise new from None
     return f, tmp
 
 
@@ -246,9 +258,10 @@ def load(f, map_location=None, pickle_module=None, *, weights_only: bool | None 
         size = vol.stat(path).st_size
         fh = vol.open(path, "rb", buffering=max(io.DEFAULT_BUFFER_SIZE, min(READ_BUFFER, size)))
     except OSError as e:
-        if e.filename is None or e.filename == path:
-            raise type(e)(e.errno, e.strerror, url) from None
-        raise
+        new = _named(e, url)
+        if new is e:
+            raise
+        raise new from None
     with fh:
         try:
             return torch.load(fh, **kw)

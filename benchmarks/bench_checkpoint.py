@@ -15,9 +15,12 @@ The state dict: float32 and bfloat16 "layer" tensors of 4-48 MiB plus small bias
   upload/download threads); s3torchconnector's ``S3Checkpoint`` writer (the AWS CRT client; it
   always uploads multipart, and moto reassembles the parts with a full copy when the upload
   completes: a cost of the test server that real S3 does not have) and, for loads, its range-based
-  reader (``S3ReaderConstructor.range_based()``: ``S3Checkpoint.reader``'s default sequential
+  reader (``S3ReaderConstructor.range_based()``; ``S3Checkpoint.reader``'s default sequential
   reader took 197 s for the 1.5 GB load in a trial on this machine, and once failed with CRT's
-  "failure to meet throughput minimum");
+  "failure to meet throughput minimum"). Its load runs once, in the first run only: moto answers
+  every ranged GET by copying the whole object (1.5 GB) first, so a reader of one big object pays
+  that per request -- a cost of the test server, not of the peer; torchjuice and the raw GETs
+  read 4 MiB objects;
   raw boto3: the serialised checkpoint cut into 4 MiB blocks before the clock starts, then
   ``create_store(url).put``/``get_into`` of every block from 16 threads -- the ceiling the S3 rows
   are compared with. "tj.save replacing" saves over the checkpoint just written (the old blocks are
@@ -137,6 +140,8 @@ def main() -> None:
     ap.add_argument("--no-save", action="store_true", help="print only; do not write results/")
     a = ap.parse_args()
 
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))     # stop the S3 server, remove files
     work = tempfile.mkdtemp(prefix="tj-bench-ckpt-")
     os.environ["TORCHJUICE_HOME"] = os.path.join(work, "home")
     os.environ.pop("TORCHJUICE_META", None)
@@ -258,10 +263,11 @@ def main() -> None:
                         return torch.load(r)
                 try:
                     note("s3torchconnector save", timed(s3c_save)[0])
-                    t, out = timed(s3c_load)
-                    note("s3torchconnector load", t)
-                    check(out, sd)
-                    del out
+                    if rep == 0:                       # minutes on moto: once (see the docstring)
+                        t, out = timed(s3c_load)
+                        note("s3torchconnector load", t)
+                        check(out, sd)
+                        del out
                     s3c_store.delete(f"s3c/step-{rep}.pt")
                 except Exception as e:                 # a peer's failure is a result, not a crash
                     failures.append(f"run {rep + 1}: s3torchconnector: {type(e).__name__}: {e}")

@@ -60,14 +60,36 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             _missing("redis-server")
+        self.exe = exe
         self.dir = tempfile.mkdtemp(prefix="tj-redis-")
         self.port = free_port()
+        self.start()
+        self._next_db = 0
+
+    def start(self) -> None:
+        """Start the server (again, after :meth:`shutdown`: same port, the data it saved)."""
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--databases", "4096"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait_port(self.port, self.proc, "redis-server")
-        self._next_db = 0
+
+    def shutdown(self) -> None:
+        """Stop the server, saving every database to its directory first (SHUTDOWN SAVE)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=10) as s:
+            s.sendall(b"*2\r\n$8\r\nSHUTDOWN\r\n$4\r\nSAVE\r\n")
+            try:
+                s.recv(1024)                 # the server closes the connection when it is done
+            except OSError:
+                pass
+        self.proc.wait(30)
+
+    def restart(self, downtime: float = 0.0) -> None:
+        """Stop the server and start it again on the same port with the same data, after
+        ``downtime`` seconds (clients see refused connections meanwhile)."""
+        self.shutdown()
+        time.sleep(downtime)
+        self.start()
 
     def url(self) -> str:
         """A fresh, empty database on this server."""

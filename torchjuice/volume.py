@@ -175,6 +175,14 @@ def connect(meta_url_or_name: str, cache_dir: str | None = None, cache_size: int
 
 
 # -- the volume ----------------------------------------------------------------------------------
+def _named(e: OSError, path: str) -> OSError:
+    """``e`` with the caller's spelling of the path; errors without an errno (a lost engine:
+    ConnectionError) pass through unchanged."""
+    if e.errno is None or isinstance(e, ConnectionError):
+        return e
+    return oserror(e.errno, path)
+
+
 def _stat_result(a: Attr) -> os.stat_result:
     return os.stat_result((a.st_mode, a.inode, 0, a.nlink, a.uid, a.gid, a.length,
                            int(a.atime), int(a.mtime), int(a.ctime),
@@ -294,7 +302,7 @@ class Volume:
             return self.meta.resolve(p, follow=follow)
         except OSError as e:
             if e.filename is None:
-                raise oserror(e.errno, shown or p) from None
+                raise _named(e, shown or p) from None
             raise type(e)(e.errno, e.strerror, shown or p) from None
 
     def _attr(self, path: str, follow: bool = True) -> Attr:
@@ -417,7 +425,7 @@ class Volume:
         try:
             self.meta.mkdir(parent.inode, name, mode)
         except OSError as e:
-            raise oserror(e.errno, path) from None
+            raise _named(e, path) from None
 
     def makedirs(self, path: str, mode: int = 0o755, exist_ok: bool = False) -> None:
         p = self.norm(path)
@@ -450,7 +458,7 @@ class Volume:
         try:
             self.meta.unlink(parent.inode, name)
         except OSError as e:
-            raise oserror(e.errno, path) from None
+            raise _named(e, path) from None
 
     unlink = remove
 
@@ -459,7 +467,7 @@ class Volume:
         try:
             self.meta.rmdir(parent.inode, name)
         except OSError as e:
-            raise oserror(e.errno, path) from None
+            raise _named(e, path) from None
 
     def rmtree(self, path: str) -> None:
         """Remove a directory and everything under it (or a single file)."""
@@ -483,7 +491,7 @@ class Volume:
         try:
             self.meta.rename(sp.inode, sn, dp.inode, dn, flags)
         except OSError as e:
-            raise oserror(e.errno, src) from None
+            raise _named(e, src) from None
 
     replace = rename
 
@@ -492,7 +500,7 @@ class Volume:
         try:
             self.meta.symlink(parent.inode, name, target)
         except OSError as e:
-            raise oserror(e.errno, path) from None
+            raise _named(e, path) from None
 
     def readlink(self, path: str) -> str:
         a = self._attr(path, follow=False)
@@ -506,7 +514,7 @@ class Volume:
         try:
             self.meta.link(a.inode, parent.inode, name)
         except OSError as e:
-            raise oserror(e.errno, dst) from None
+            raise _named(e, dst) from None
 
     def truncate(self, path: str, length: int) -> None:
         if length < 0:

@@ -14,9 +14,11 @@ cache (checksummed), then the object store — straight into the caller's buffer
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from collections import OrderedDict
@@ -31,13 +33,22 @@ log = logging.getLogger("torchjuice.chunk")
 
 PARALLEL_READ_MIN = 1 << 20      # below this a read runs inline: thread hand-off costs more
 
+# Transient object-store errors (a dropped connection, a throttle, EIO) are retried this many
+# times with jittered exponential backoff (about 0.05 + 0.1 + 0.2 + 0.4 s), then raised. Errors that
+# cannot get better are raised at once. A store that retries on its own (S3Store: max_attempts)
+# is not retried again here.
+STORE_RETRIES = 4
+_NO_RETRY = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+             CorruptBlockError, ValueError)
+_NO_RETRY_ERRNO = frozenset({errno.ENOSPC, errno.EROFS, errno.EINVAL, errno.ENAMETOOLONG})
+
 
 class Metrics:
     """Counters of this client's block traffic (``Volume.metrics()``, ``torchjuice stats``)."""
 
     __slots__ = ("get_count", "get_bytes", "get_seconds", "put_count", "put_bytes", "put_seconds",
                  "delete_count", "buffer_hits", "buffer_hit_bytes", "prefetch_count",
-                 "singleflight_waits", "store_read_bytes")
+                 "singleflight_waits", "store_read_bytes", "store_retries")
 
     def __init__(self):
         for name in self.__slots__:
@@ -68,6 +79,7 @@ class ChunkStore:
         if writeback and cache is None:
             raise ValueError("write-back needs a disk cache (cache_dir)")
         self.metrics = Metrics()
+        self.retries = 0 if hasattr(store, "max_attempts") else STORE_RETRIES
         self._reset()
         os.register_at_fork(after_in_child=self._reset)
         if writeback:
@@ -136,10 +148,28 @@ class ChunkStore:
             self._inflight -= n
             self._room.notify_all()
 
+    def _retry(self, fn, *args):
+        """``fn(*args)``, retried on transient store errors (see STORE_RETRIES)."""
+        attempt = 0
+        while True:
+            try:
+                return fn(*args)
+            except _NO_RETRY:
+                raise
+            except OSError as e:            # ConnectionError and TimeoutError are OSErrors
+                if attempt >= self.retries or e.errno in _NO_RETRY_ERRNO or self._stop.is_set():
+                    raise
+                attempt += 1
+                self.metrics.store_retries += 1
+                delay = 0.05 * (2 ** (attempt - 1)) * (0.5 + random.random())
+                log.debug("%s failed (%s); retry %d in %.2fs", getattr(fn, "__name__", fn), e,
+                          attempt, delay)
+                time.sleep(delay)
+
     def _put(self, key: str, data) -> None:
         t = time.perf_counter()
         body = self.compressor.compress(data)
-        self.store.put(key, body)
+        self._retry(self.store.put, key, body)
         m = self.metrics
         m.put_seconds += time.perf_counter() - t
         m.put_count += 1
@@ -232,7 +262,7 @@ class ChunkStore:
 
     def _get_into(self, key: str, bsize: int, off: int, out: memoryview) -> None:
         t = time.perf_counter()
-        got = self.store.get_into(key, out, off)
+        got = self._retry(self.store.get_into, key, out, off)
         m = self.metrics
         m.get_seconds += time.perf_counter() - t
         m.get_count += 1
@@ -252,7 +282,7 @@ class ChunkStore:
                 raise
         else:
             t = time.perf_counter()
-            body = self.store.get(key)
+            body = self._retry(self.store.get, key)
             m = self.metrics
             m.get_seconds += time.perf_counter() - t
             m.get_count += 1

@@ -166,6 +166,8 @@ def accelerator(rank: int, n: int, cfg: dict, barrier, results) -> None:
             os.environ["TORCHJUICE_CACHE_DIR"] = be["cache_dir"]
         else:
             os.environ.pop("TORCHJUICE_CACHE_DIR", None)
+        if be.get("cache_size") is not None:
+            os.environ["TORCHJUICE_CACHE_SIZE"] = be["cache_size"]
         torch = _torch()
         torch.set_num_threads(1)
         from torch.utils.data import DataLoader

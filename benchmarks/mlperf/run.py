@@ -29,6 +29,8 @@ BACKENDS = {
     "local directory (warm)": ("local", "warm"),
     "s3torchconnector S3 (cold)": ("s3c", "cold"),
 }
+# not in the default set (--backends): cold reads from S3 with torchjuice's disk cache turned off
+EXTRA_BACKENDS = {"torchjuice S3 (cold; no disk cache)": ("tj-s3-nocache", "cold")}
 
 
 def _ctx():
@@ -75,6 +77,12 @@ def run_group(ctx, target, n: int, cfg: dict, timeout: float) -> list[dict]:
 class Bench:
     def __init__(self, a):
         self.a = a
+        every = {**BACKENDS, **EXTRA_BACKENDS}
+        names = list(BACKENDS) if not a.backends else [x.strip() for x in a.backends.split(",")]
+        unknown = [x for x in names if x not in every]
+        if unknown:
+            raise SystemExit(f"unknown backend(s) {unknown}; known: {list(every)}")
+        self.backends = {x: every[x] for x in names}
         self.work = tempfile.mkdtemp(prefix="tj-mlperf-", dir=a.work)
         os.environ["TORCHJUICE_HOME"] = os.path.join(self.work, "home")
         os.environ.pop("TORCHJUICE_META", None)
@@ -167,6 +175,9 @@ class Bench:
         if kind == "tj-s3":
             cache = warm_cache if state == "warm" else self.fresh_dir("cache-cold")
             return {"kind": "tj", "volume": "tjs3", "meta": self.meta_s3, "cache_dir": cache}
+        if kind == "tj-s3-nocache":
+            return {"kind": "tj", "volume": "tjs3", "meta": self.meta_s3, "cache_dir": None,
+                    "cache_size": "0"}
         if kind == "local":
             return {"kind": "local", "root": self.local_root}
         if kind == "s3c":
@@ -186,10 +197,10 @@ class Bench:
         gen = self.generate(lay)
         self.warm_local(lay)
         warm_cache = self.warm_tj_s3(lay)
-        alive = {label: True for label in BACKENDS}
+        alive = {label: True for label in self.backends}
         t_start = time.time()
         for n in ns:
-            for label, (kind, state) in BACKENDS.items():
+            for label, (kind, state) in self.backends.items():
                 if not alive[label]:
                     continue
                 if time.time() - t_start > a.search_budget:
@@ -290,7 +301,7 @@ def summary(rows: list[dict]) -> list[dict]:
     """Per workload and backend: the largest N whose AU was at or above the floor."""
     out = []
     for wname in dict.fromkeys(r["workload"] for r in rows):
-        for label in BACKENDS:
+        for label in {**BACKENDS, **EXTRA_BACKENDS}:
             sel = [r for r in rows if r["workload"] == wname and r["backend"] == label]
             if not sel:
                 continue
@@ -328,7 +339,7 @@ def tables(rows, ckpt_rows, summ) -> str:
         sel = [r for r in rows if r["workload"] == wname]
         ns = sorted({r["n"] for r in sel})
         body = []
-        for label in BACKENDS:
+        for label in {**BACKENDS, **EXTRA_BACKENDS}:
             by = {r["n"]: r for r in sel if r["backend"] == label}
             if not by:
                 continue
@@ -366,7 +377,7 @@ def chart(rows, path: str) -> None:
                              squeeze=False)
     for ax, wname in zip(axes[0], wnames):
         sel = [r for r in rows if r["workload"] == wname and r.get("au") is not None]
-        for label in BACKENDS:
+        for label in {**BACKENDS, **EXTRA_BACKENDS}:
             pts = sorted((r["n"], r["au"] * 100) for r in sel if r["backend"] == label)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -388,6 +399,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.mlperf",
                                  description="MLPerf-Storage-style benchmark (see docs/mlperf.md)")
     ap.add_argument("--workloads", default="unet3d,resnet50,cosmoflow,checkpoint")
+    ap.add_argument("--backends", default="",
+                    help="comma-separated backend labels (default: the five of the comparison)")
     ap.add_argument("--scale", type=float, default=0.002,
                     help="factor on every sample's size (and on the checkpoint's bytes)")
     ap.add_argument("--time-scale", type=float, default=1.0,

@@ -121,14 +121,19 @@ class ChunkStore:
                 for i in range((size + bs - 1) // bs)]
 
     # -- writes ------------------------------------------------------------------------------------
-    def put_block(self, sid: int, index: int, data: bytes | bytearray | memoryview) -> Future:
+    def put_block(self, sid: int, index: int, data: bytes | bytearray | memoryview,
+                  owner: bytearray | None = None) -> Future:
         """Upload one block in the background; blocks the caller while too many bytes are in flight.
-        ``data`` must not change until the future is done. In write-back mode the block is
-        staged durably on local disk first and the returned future is already done."""
+        ``data`` must not change until the future is done. ``owner``: a buffer from
+        :meth:`alloc_block` behind ``data``, reused once the upload (and any cache write) is done.
+        In write-back mode the block is staged durably on local disk first and the returned future
+        is already done."""
         n = len(data)
         if self.writeback:
             key = self.key(sid, index, n)
             self.cache.put(key, data, staged=True)
+            if owner is not None:
+                self._recycle(owner)
             self._upload_staged(key, n)
             done: Future = Future()
             done.set_result(None)
@@ -138,7 +143,7 @@ class ChunkStore:
                 self._room.wait()
             self._inflight += n
         try:
-            return self._pool("up").submit(self._upload, sid, index, data)
+            return self._pool("up").submit(self._upload, sid, index, data, owner)
         except BaseException:
             self._release(n)
             raise
@@ -175,15 +180,18 @@ class ChunkStore:
         m.put_count += 1
         m.put_bytes += len(body)
 
-    def _upload(self, sid: int, index: int, data) -> None:
+    def _upload(self, sid: int, index: int, data, owner) -> None:
         n = len(data)
         try:
             key = self.key(sid, index, n)
             self._put(key, data)
             if self.cache_writes:
-                self._cache_later(key, data)
+                self._cache_later(key, data, owner)
         finally:
             self._release(n)
+            if owner is not None:
+                with self._lock:
+                    self._retire(owner)         # reused once the cache filler is done with it
 
     def _upload_staged(self, key: str, bsize: int) -> None:
         fut = self._pool("writeback").submit(self._upload_staged_now, key, bsize)
@@ -301,19 +309,21 @@ class ChunkStore:
     # never on the reader's path; when it falls behind by more than `cache_fill_buffer` bytes, the
     # block is not cached this time (counted in cache_skipped; `warmup` fills synchronously).
 
-    def _cache_later(self, key: str, data) -> None:
+    def _cache_later(self, key: str, data, owner=None) -> None:
+        """Queue a block for the disk cache; ``owner`` is the reusable buffer behind ``data``."""
         n = len(data)
+        holder = data if owner is None else owner
         with self._lock:
             if self._fill_bytes + n > self.cache_fill_buffer:
                 self.cache.skipped += 1
                 return
             self._fill_bytes += n
-            self._pins[id(data)] = self._pins.get(id(data), 0) + 1     # not reused until written
+            self._pins[id(holder)] = self._pins.get(id(holder), 0) + 1   # not reused until written
             if self._fill is None:
                 self._fill = queue.Queue()
                 threading.Thread(target=self._fill_loop, args=(self._fill,), daemon=True,
                                  name="tj-cache-fill").start()
-            self._fill.put((key, data))
+            self._fill.put((key, data, holder))
 
     def _fill_loop(self, q: queue.Queue) -> None:
         try:
@@ -325,13 +335,13 @@ class ChunkStore:
             if item is None:
                 q.task_done()
                 return
-            key, data = item
+            key, data, holder = item
             try:
                 self.cache.put(key, data)
             finally:
                 with self._lock:
                     self._fill_bytes -= len(data)
-                self._unpin(None, data)
+                self._unpin(None, holder)
                 q.task_done()
 
     def drain_cache_fill(self) -> None:
@@ -414,6 +424,10 @@ class ChunkStore:
             if n == self.block_size and self._free:
                 return self._free.pop()
         return bytearray(n)
+
+    def alloc_block(self) -> bytearray:
+        """A ``block_size`` buffer, reused when one is free (hand it back via ``put_block``)."""
+        return self._alloc(self.block_size)
 
     def _recycle(self, data) -> None:
         with self._lock:

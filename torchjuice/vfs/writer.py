@@ -23,7 +23,8 @@ class SliceBuffer:
         self.pos = pos
         self.length = 0
         self.frozen = False
-        self._cur = bytearray()
+        self._cur: bytearray | None = None     # the block being filled (block_size bytes)
+        self._n = 0                            # bytes used in it
         self._nblocks = 0
         self._futures = []
 
@@ -37,27 +38,33 @@ class SliceBuffer:
     def append(self, data: memoryview) -> None:
         bs = self.chunks.block_size
         while data:
-            k = min(len(data), bs - len(self._cur))
-            if k == bs and not self._cur and isinstance(data.obj, bytes):
+            if self._n == 0 and len(data) >= bs and isinstance(data.obj, bytes):
                 # a whole block of an immutable buffer: upload it without copying
+                k = bs
                 self._futures.append(self.chunks.put_block(self.sid, self._nblocks, data[:k]))
                 self._nblocks += 1
             else:
-                self._cur += data[:k]
-                if len(self._cur) == bs:
+                if self._cur is None:
+                    self._cur = self.chunks.alloc_block()     # reused: no fresh pages to fault in
+                k = min(len(data), bs - self._n)
+                self._cur[self._n: self._n + k] = data[:k]
+                self._n += k
+                if self._n == bs:
                     self._ship()
             self.length += k
             data = data[k:]
 
     def _ship(self) -> None:
-        block, self._cur = self._cur, bytearray()
-        self._futures.append(self.chunks.put_block(self.sid, self._nblocks, block))
+        buf, n = self._cur, self._n
+        self._cur, self._n = None, 0
+        view = buf if n == len(buf) else memoryview(buf)[:n]
+        self._futures.append(self.chunks.put_block(self.sid, self._nblocks, view, owner=buf))
         self._nblocks += 1
 
     def freeze(self) -> None:
         if not self.frozen:
             self.frozen = True
-            if self._cur:
+            if self._n:
                 self._ship()
 
     def uploaded(self) -> bool:

@@ -17,7 +17,7 @@ from torchjuice.meta import (CHUNK_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT
                              TYPE_FILE, TYPE_SYMLINK, XATTR_CREATE, XATTR_REPLACE, Format, Slice,
                              new_meta)
 
-FMT = Format(name="vol", uuid="1234", storage="mem://bucket")
+FMT = Format(name="vol", uuid="1234", storage="mem://bucket", trash_days=0)   # no trash here
 
 
 def _errno(code):

@@ -226,11 +226,14 @@ def test_close_to_open_between_two_clients(request, tmp_path):
 def test_removed_file_data_is_deleted_from_store(vol):
     vol.write_bytes("/gone", pattern(3 * MiB))
     assert len(list(vol.store.list(f"{vol.name}/chunks/"))) == 3
-    vol.remove("/gone")
+    vol.remove("/gone")                       # trash_days=1: kept in /.trash (test_ops)
+    assert len(list(vol.store.list(f"{vol.name}/chunks/"))) == 3
+    vol.trash_empty()
     assert list(vol.store.list(f"{vol.name}/chunks/")) == []
 
 
-def test_open_then_unlinked_file_stays_readable_until_closed(vol):
+def test_open_then_unlinked_file_stays_readable_until_closed(request, tmp_path):
+    vol = _new_volume(request, tmp_path, "sqlite", "file", block_size=1 * MiB, trash_days=0)
     vol.write_bytes("/o", b"still here")
     f = vol.open("/o", "rb")
     vol.remove("/o")

@@ -211,6 +211,9 @@ class Volume:
                                  max_inflight=max_inflight, cache=cache, buffer_size=buffer_size,
                                  cache_writes=cache_writes, writeback=writeback)
         meta.on_delete_slices = self.chunks.delete_slices
+        from .ops.compact import Compactor
+        self.compactor = Compactor(meta, self.chunks)      # chunks with many slices, rewritten
+        meta.on_compact = self.compactor.request
         self._files: weakref.WeakSet = weakref.WeakSet()     # open file objects, closed with us
         self._lock = threading.Lock()
         self.closed = False
@@ -255,6 +258,7 @@ class Volume:
                     f.close()
                 except Exception:
                     pass
+            self.compactor.close()
             self.chunks.close()
         finally:
             try:
@@ -552,7 +556,31 @@ class Volume:
     def metrics(self) -> dict:
         """Counters of this client: object GET/PUT counts, bytes and seconds, memory-buffer and
         disk-cache hits and misses, prefetches, cache usage."""
-        return self.chunks.stats()
+        out = self.chunks.stats()
+        out.update(self.compactor.stats())
+        return out
+
+    # -- operations (torchjuice.ops; docs/operations.md) ----------------------------------------------
+    def compact(self, path: str = "/") -> dict:
+        """Compact every file at or under ``path`` now: chunks of several slices are rewritten as
+        one slice per run of data, content unchanged."""
+        from .ops.compact import compact_path
+        return compact_path(self, path)
+
+    def trash_list(self) -> list[dict]:
+        """The files in ``/.trash``, oldest first (see :func:`torchjuice.ops.trash.trash_list`)."""
+        from .ops.trash import trash_list
+        return trash_list(self)
+
+    def trash_restore(self, entry: str, dst: str | None = None) -> str:
+        """Put a trashed file back where it was, or at ``dst``; returns its path."""
+        from .ops.trash import trash_restore
+        return trash_restore(self, entry, dst)
+
+    def trash_empty(self, older_than_days: float | None = None) -> int:
+        """Free trashed files now (all, or those older than ``older_than_days``)."""
+        from .ops.trash import trash_empty
+        return trash_empty(self, older_than_days)
 
     @property
     def cache_dir(self) -> str | None:

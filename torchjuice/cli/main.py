@@ -118,6 +118,17 @@ def cmd_stats(a) -> int:
     meta = new_meta(info["meta"] if info else _volume.find_meta_url(a.volume))
     try:
         meta.load()
+        if a.prometheus:
+            from ..ops.stats import metrics_server
+            srv = metrics_server(meta, a.prometheus)
+            host, port = srv.server_address[:2]
+            print(f"serving the counters of {len(meta.list_sessions())} client(s) at "
+                  f"http://{host}:{port}/metrics", file=sys.stderr, flush=True)
+            try:
+                srv.serve_forever()
+            finally:
+                srv.server_close()
+            return 0
         n = 0
         while True:
             sessions = meta.list_sessions()
@@ -178,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     st.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
     st.add_argument("--json", action="store_true", help="one JSON line per refresh")
+    st.add_argument("--prometheus", metavar="HOST:PORT",
+                    help="serve the counters at http://HOST:PORT/metrics (Prometheus text format)")
     st.set_defaults(func=cmd_stats)
     from . import mount; mount.register(sub)  # noqa: E702
+    from . import ops; ops.register(sub)  # noqa: E702
     return p
 
 

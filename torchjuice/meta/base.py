@@ -14,7 +14,8 @@ transaction and retries it on conflict. ``tx`` offers (keys ``str``; fields and 
 ``counter(k)``            a counter's value (0 when missing)
 ``hget/hmget/hgetall``    hash reads; ``hlen(k)`` its size
 ``hset/hdel``             hash writes
-``rpush(k, v)``           append to a list; ``lrange(k)`` all its items, oldest first
+``rpush(k, v)``           append to a list; ``lrange(k)`` all its items, oldest first;
+                          ``llen(k)`` how many
 ``scan_keys(prefix)``     every key starting with ``prefix`` (gc, fsck)
 ``batch(ops)``            several reads ``[("get", k), ("hget", k, f), ...]`` in one round trip
 ========================  ===============================================================
@@ -33,8 +34,19 @@ Key layout::
     c{ino}_{indx}    list of packed Slices (24 bytes each), oldest first
     sessions         hash: sid -> JSON {sid, heartbeat, info, host, pid}
     sustained        hash: ino -> sid, unlinked files kept for an open handle of that session
+    pendingDelete    hash: slice id -> b"{size},{time}", slices compaction replaced (deleted
+                     ``slice_delay`` seconds later: readers may still hold the old slice list)
+    lease:{job}      the time a client last ran a volume-wide background job
     counters         nextInode, nextSlice, nextSession (last value handed out),
                      usedSpace (sum of align4k(length) over inodes), totalInodes
+
+The trash (JuiceFS's design): with ``Format.trash_days > 0`` a regular file whose last link goes
+(``unlink``, or a ``rename`` replacing it) is not freed: its entry moves to ``/.trash/{hour}/``
+as ``{parent}-{inode}-{name}`` (nlink stays 1, ``parent`` becomes the hour directory), in the same
+transaction. ``/.trash`` (inode ``TRASH_INODE``) is reachable by path but not listed in the root;
+nothing can be created in it; removing a file inside it frees it for good; ``trash_restore`` (or a
+rename out of it) puts a file back. ``cleanup_trash`` frees the hours older than ``trash_days``.
+Truncation (``open(p, "wb")``) frees data at once, as in JuiceFS.
 
 Deleting data: when a commit drops slices nothing refers to any more (the last link of a file
 goes, a truncate drops whole chunks, a rename replaces a file), ``on_delete_slices`` is called with
@@ -57,12 +69,12 @@ import threading
 import time
 import weakref
 from collections import Counter
-from typing import Callable, Iterable
+from typing import IO, Callable, Iterable, Iterator
 
 from ..errors import AlreadyFormattedError, NotFormattedError, oserror
-from .interface import (CHUNK_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE, TYPE_DIR,
-                        TYPE_FILE, TYPE_SYMLINK, XATTR_CREATE, XATTR_REPLACE, Attr, Format, Meta,
-                        Slice)
+from .interface import (CHUNK_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE, TRASH_INODE,
+                        TRASH_NAME, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK, XATTR_CREATE, XATTR_REPLACE,
+                        Attr, Format, Meta, Slice)
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +216,8 @@ class BaseMeta(Meta):
         self._session_info: dict = {}
         self._hb_thread: threading.Thread | None = None
         self._hb_stop = threading.Event()
+        self._bg_thread: threading.Thread | None = None
+        self._bg_last = float("-inf")
 
     def __reduce__(self):
         return (self.__class__, (self.url,))
@@ -422,6 +436,52 @@ class BaseMeta(Meta):
                 self.txn(lambda tx: tx.hset("sessions", str(sid).encode(), rec))
             except Exception as e:  # keep beating; the engine may come back
                 log.warning("session %s heartbeat failed: %s", sid, e)
+                continue
+            self._maybe_background(stop)
+
+    # -- volume-wide background jobs ---------------------------------------------------------------
+    def _maybe_background(self, stop: threading.Event) -> None:
+        """From the heartbeat: start the background jobs in their own thread when they are due
+        here (a slow job must not delay the heartbeats). Only a client that can delete blocks
+        (``on_delete_slices`` set) runs them; the lease makes one client per interval do it."""
+        if self.on_delete_slices is None or self.cleanup_interval <= 0:
+            return
+        if self._bg_thread is not None and self._bg_thread.is_alive():
+            return
+        now = time.monotonic()
+        if now - self._bg_last < self.cleanup_interval:
+            return
+        self._bg_last = now
+        t = threading.Thread(target=self._background_jobs, args=(stop,), daemon=True,
+                             name="torchjuice-cleanup")
+        self._bg_thread = t
+        t.start()
+
+    def _background_jobs(self, stop: threading.Event) -> None:
+        try:
+            if not self.try_lease("cleanup", self.cleanup_interval):
+                return
+            self.clean_stale_sessions(self.session_timeout)
+            if not stop.is_set():
+                self.cleanup_trash()
+            if not stop.is_set():
+                self.cleanup_delayed_slices()
+        except Exception as e:        # the next interval tries again
+            log.warning("background cleanup of %s failed: %s", redact(self.url), e)
+
+    def try_lease(self, job: str, interval: float) -> bool:
+        """True for the one client that may run ``job`` now: nobody ran it in the last
+        ``interval`` seconds (the time is recorded in the engine, in one transaction)."""
+        key = f"lease:{job}"
+
+        def fn(tx):
+            now = time.time()
+            raw = tx.get(key)
+            if raw is not None and 0 <= now - float(raw) < interval:
+                return False
+            tx.set(key, repr(now).encode())
+            return True
+        return self.txn(fn)
 
     def close_session(self) -> None:
         sid, self._sid = self._sid, None
@@ -508,6 +568,8 @@ class BaseMeta(Meta):
             a = self._getattr_dir(parent, name)
             return self.getattr(a.parent or ROOT_INODE)
         check_name(name)
+        if parent == ROOT_INODE and name == TRASH_NAME:
+            return self.txn(self._trash_attr, readonly=True)
 
         def fn(tx):
             code, _i, inos, raw, _t = self._walk(tx, parent, [name])
@@ -516,6 +578,14 @@ class BaseMeta(Meta):
             self._dir_attr(parent, tx.get(_ikey(parent)), name)
             raise oserror(errno.ENOENT, name)
         return self.txn(fn, readonly=True)
+
+    @staticmethod
+    def _trash_attr(tx) -> Attr:
+        """The trash directory's attributes (made up until the first file goes to the trash)."""
+        raw = tx.get(_ikey(TRASH_INODE))
+        if raw is not None:
+            return unpack_attr(TRASH_INODE, raw)
+        return Attr(TRASH_INODE, TYPE_DIR, 0o755, 0, 0, 0.0, 0.0, 0.0, 2, DIR_LENGTH, ROOT_INODE)
 
     def _getattr_dir(self, ino: int, path) -> Attr:
         return self.txn(lambda tx: self._dir_attr(ino, tx.get(_ikey(ino)), path), readonly=True)
@@ -537,6 +607,12 @@ class BaseMeta(Meta):
             run: list[str] = []
             while todo and todo[-1] not in (".", ".."):
                 run.append(todo.pop())
+            if run and run[0] == TRASH_NAME and stack[-1] == ROOT_INODE:
+                stack.append(TRASH_INODE)            # /.trash: not an entry of the root
+                if len(run) == 1 and not todo:
+                    return self._trash_attr(tx)
+                todo.extend(reversed(run[1:]))
+                continue
             if not run:
                 if not todo:
                     return self._get_attr(tx, stack[-1], path)
@@ -573,6 +649,8 @@ class BaseMeta(Meta):
             todo.extend(reversed([c for c in t.split("/") if c]))
 
     def getattr(self, inode: int) -> Attr:
+        if inode == TRASH_INODE:
+            return self.txn(self._trash_attr, readonly=True)
         return self.txn(lambda tx: self._get_attr(tx, inode), readonly=True)
 
     def setattr(self, inode: int, *, mode: int | None = None, uid: int | None = None,
@@ -617,6 +695,8 @@ class BaseMeta(Meta):
         def fn(tx):
             praw, exist = tx.batch([("get", pkey), ("hget", dkey, ename)])
             p = self._dir_attr(parent, praw, name)
+            if self._in_trash(p):
+                raise oserror(errno.EPERM, name, "nothing can be created in the trash")
             if exist is not None:
                 raise oserror(errno.EEXIST, name)
             now = time.time()
@@ -647,7 +727,9 @@ class BaseMeta(Meta):
 
     def unlink(self, parent: int, name: str) -> None:
         check_name(name)
-        ename = _enc(name)
+        self._unlink(parent, _enc(name), name, self._trash_days() > 0)
+
+    def _unlink(self, parent: int, ename: bytes, name, trash: bool) -> None:
         pkey, dkey = _ikey(parent), _dkey(parent)
 
         def fn(tx):
@@ -661,20 +743,28 @@ class BaseMeta(Meta):
             raw = tx.get(_ikey(ino))
             freed: list = []
             now = time.time()
+            to_trash = None
             if raw is None:             # dangling entry: just drop it
                 a, chunks, drop = None, [], False
             else:
                 a = unpack_attr(ino, raw)
-                a.nlink = max(a.nlink - 1, 0)
-                a.ctime = now
-                drop = a.nlink == 0 and not self._is_open(ino)
+                if trash and a.nlink <= 1 and a.typ == TYPE_FILE and not self._in_trash(p):
+                    to_trash = self._trash_reads(tx, now)
+                    drop = False
+                else:
+                    a.nlink = max(a.nlink - 1, 0)
+                    a.ctime = now
+                    drop = a.nlink == 0 and not self._is_open(ino)
                 chunks, freed = self._read_inode_data(tx, a) if drop else ([], [])
             # writes
             tx.hdel(dkey, ename)
             p.mtime = p.ctime = now
             tx.set(pkey, pack_attr(p))
             if a is not None:
-                if drop:
+                if to_trash is not None:
+                    self._trash_writes(tx, a, parent, ename, to_trash, now)
+                    tx.set(_ikey(ino), pack_attr(a))
+                elif drop:
                     self._free_inode(tx, a, chunks)
                 else:
                     tx.set(_ikey(ino), pack_attr(a))
@@ -682,6 +772,127 @@ class BaseMeta(Meta):
                         self._sustain(tx, ino)
             return None, freed
         self._run(fn)
+
+    # -- the trash ---------------------------------------------------------------------------------
+    def _trash_days(self) -> int:
+        fmt = self.fmt
+        return fmt.trash_days if fmt is not None else 0
+
+    @staticmethod
+    def _in_trash(d: Attr) -> bool:
+        """Directory ``d`` is the trash or one of its hour directories."""
+        return d.inode == TRASH_INODE or d.parent == TRASH_INODE
+
+    @staticmethod
+    def trash_hour(ino: int) -> float:
+        """The start (epoch seconds) of the hour a trash hour directory collects."""
+        return float((ino - TRASH_INODE - 1) * 3600)
+
+    @staticmethod
+    def _trash_reads(tx, now: float) -> tuple:
+        """Read phase of moving a file to the trash."""
+        hours = int(now // 3600)
+        hino = TRASH_INODE + 1 + hours
+        hname = time.strftime("%Y-%m-%d-%H", time.gmtime(hours * 3600)).encode()
+        root_raw, hour_raw = tx.batch([("get", _ikey(TRASH_INODE)), ("get", _ikey(hino))])
+        return hino, hname, root_raw, hour_raw
+
+    @staticmethod
+    def _trash_writes(tx, a: Attr, parent: int, ename: bytes, prep: tuple, now: float) -> None:
+        """Write phase: file ``a`` (entry ``ename`` of ``parent``, already removed there) goes
+        into this hour's trash directory, made when missing. The caller writes ``a``."""
+        hino, hname, root_raw, hour_raw = prep
+        if hour_raw is None:
+            if root_raw is None:
+                root = Attr(TRASH_INODE, TYPE_DIR, 0o755, 0, 0, now, now, now, 2, DIR_LENGTH,
+                            ROOT_INODE)
+                tx.incrby("usedSpace", align4k(DIR_LENGTH))
+                tx.incrby("totalInodes", 1)
+            else:
+                root = unpack_attr(TRASH_INODE, root_raw)
+            root.nlink += 1
+            root.mtime = root.ctime = now
+            tx.set(_ikey(TRASH_INODE), pack_attr(root))
+            tx.hset(_dkey(TRASH_INODE), hname, pack_entry(TYPE_DIR, hino))
+            hour = Attr(hino, TYPE_DIR, 0o755, 0, 0, now, now, now, 2, DIR_LENGTH, TRASH_INODE)
+            tx.incrby("usedSpace", align4k(DIR_LENGTH))
+            tx.incrby("totalInodes", 1)
+        else:
+            hour = unpack_attr(hino, hour_raw)
+            hour.mtime = hour.ctime = now
+        tx.set(_ikey(hino), pack_attr(hour))
+        tx.hset(_dkey(hino), b"%d-%d-" % (parent, a.inode) + ename, pack_entry(a.typ, a.inode))
+        a.nlink = 1
+        a.parent = hino
+        a.ctime = now
+
+    def trash_restore(self, hour: int, entry: str, parent: int | None = None,
+                      name: str | None = None) -> Attr:
+        """Move trashed file ``entry`` of hour directory ``hour`` back to ``parent``/``name``
+        (default: where it was removed from). ENOENT when that directory is gone, EEXIST when
+        the name is taken."""
+        eb = _enc(entry)
+        if parent is None or name is None:
+            try:
+                p0, _ino, n0 = entry.split("-", 2)
+                parent = int(p0) if parent is None else parent
+                name = n0 if name is None else name
+            except ValueError:
+                raise oserror(errno.EINVAL, entry, "not a trash entry name") from None
+        check_name(name)
+        nb = _enc(name)
+
+        def fn(tx):
+            hraw, e, praw, de = tx.batch([("get", _ikey(hour)), ("hget", _dkey(hour), eb),
+                                          ("get", _ikey(parent)), ("hget", _dkey(parent), nb)])
+            if hraw is None or unpack_attr(hour, hraw).parent != TRASH_INODE:
+                raise oserror(errno.ENOENT, entry, "no such trash directory")
+            if e is None:
+                raise oserror(errno.ENOENT, entry)
+            p = self._dir_attr(parent, praw, name)
+            if self._in_trash(p):
+                raise oserror(errno.EPERM, name, "cannot restore into the trash")
+            if de is not None:
+                raise oserror(errno.EEXIST, name)
+            typ, ino = unpack_entry(e)
+            a = self._get_attr(tx, ino, entry)
+            h = unpack_attr(hour, hraw)
+            now = time.time()
+            tx.hdel(_dkey(hour), eb)
+            tx.hset(_dkey(parent), nb, e)
+            a.parent = parent
+            a.ctime = now
+            tx.set(_ikey(ino), pack_attr(a))
+            p.mtime = p.ctime = h.mtime = h.ctime = now
+            tx.set(_ikey(parent), pack_attr(p))
+            tx.set(_ikey(hour), pack_attr(h))
+            return a
+        return self.txn(fn)
+
+    def cleanup_trash(self, now: float | None = None, days: float | None = None) -> int:
+        """Free the files of every trash hour that ended more than ``days`` (default: the
+        volume's ``trash_days``) ago, and remove those hour directories. Returns the number of
+        files freed (their blocks go to ``on_delete_slices``)."""
+        now = time.time() if now is None else now
+        days = self._trash_days() if days is None else days
+        cutoff = now - days * 86400
+        n = 0
+        for hname, h in self.readdir(TRASH_INODE):
+            if not h.is_dir or self.trash_hour(h.inode) + 3600 > cutoff:
+                continue
+            entries = self.txn(lambda tx: tx.hgetall(_dkey(h.inode)), readonly=True)
+            for eb in entries:
+                try:
+                    self._unlink(h.inode, bytes(eb), _dec(eb), trash=False)
+                    n += 1
+                except (FileNotFoundError, IsADirectoryError):
+                    pass                    # restored or freed meanwhile
+            try:
+                self.rmdir(TRASH_INODE, hname)
+            except OSError as e:            # a file arrived meanwhile: the next round
+                if e.errno not in (errno.ENOTEMPTY, errno.ENOENT):
+                    raise
+        return n
 
     def rmdir(self, parent: int, name: str) -> None:
         check_name(name)
@@ -716,6 +927,7 @@ class BaseMeta(Meta):
                 flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise oserror(errno.EINVAL, name_src, f"bad rename flags {flags}")
         exchange = bool(flags & RENAME_EXCHANGE)
+        trash = self._trash_days() > 0
         ps, pd = parent_src, parent_dst
         es, ed = _enc(name_src), _enc(name_dst)
         sk, dk = _dkey(ps), _dkey(pd)
@@ -727,6 +939,9 @@ class BaseMeta(Meta):
             attrs[ps] = self._dir_attr(ps, ps_raw, name_src)
             if pd != ps:
                 attrs[pd] = self._dir_attr(pd, pd_raw, name_dst)
+            if self._in_trash(attrs[pd]) or ps == TRASH_INODE or (exchange and
+                                                                  self._in_trash(attrs[ps])):
+                raise oserror(errno.EPERM, name_dst, "nothing can be moved into the trash")
             if se is None:
                 raise oserror(errno.ENOENT, name_src)
             styp, sino = unpack_entry(se)
@@ -769,10 +984,15 @@ class BaseMeta(Meta):
             freed: list = []
             drop_chunks: list[str] = []
             drop = False
+            to_trash = None
             if dattr is not None and not exchange and dtyp != TYPE_DIR:
-                dattr.nlink = max(dattr.nlink - 1, 0)
-                dattr.ctime = now
-                drop = dattr.nlink == 0 and not self._is_open(dino)
+                if trash and dattr.nlink <= 1 and dattr.typ == TYPE_FILE and \
+                        not self._in_trash(attrs[ps]):
+                    to_trash = self._trash_reads(tx, now)
+                else:
+                    dattr.nlink = max(dattr.nlink - 1, 0)
+                    dattr.ctime = now
+                    drop = dattr.nlink == 0 and not self._is_open(dino)
                 if drop:
                     drop_chunks, freed = self._read_inode_data(tx, dattr)
             # -- writes from here on --
@@ -797,7 +1017,10 @@ class BaseMeta(Meta):
                         if dattr is not None:
                             self._free_inode(tx, dattr, [])
                     elif dattr is not None:
-                        if drop:
+                        if to_trash is not None:
+                            self._trash_writes(tx, dattr, pd, ed, to_trash, now)
+                            tx.set(_ikey(dino), pack_attr(dattr))
+                        elif drop:
                             self._free_inode(tx, dattr, drop_chunks)
                         else:
                             tx.set(_ikey(dino), pack_attr(dattr))
@@ -859,6 +1082,8 @@ class BaseMeta(Meta):
             if a.nlink == 0:
                 raise oserror(errno.ENOENT, name)
             p = self._dir_attr(parent, praw, name)
+            if self._in_trash(p):
+                raise oserror(errno.EPERM, name, "nothing can be created in the trash")
             if e is not None:
                 raise oserror(errno.EEXIST, name)
             now = time.time()
@@ -875,6 +1100,8 @@ class BaseMeta(Meta):
     def readdir(self, inode: int) -> list[tuple[str, Attr]]:
         def fn(tx):
             raw, entries = tx.batch([("get", _ikey(inode)), ("hgetall", _dkey(inode))])
+            if raw is None and inode == TRASH_INODE:
+                return []
             self._dir_attr(inode, raw, f"inode {inode}")
             items = sorted((_dec(k), int(v[1:])) for k, v in entries.items())
             raws = tx.gets([_ikey(ino) for _n, ino in items]) if items else []
@@ -940,7 +1167,10 @@ class BaseMeta(Meta):
         end = index * CHUNK_SIZE + s.pos + s.len
 
         def fn(tx):
-            a = self._get_attr(tx, inode)
+            raw, n = tx.batch([("get", _ikey(inode)), ("llen", ckey)])
+            if raw is None:
+                raise oserror(errno.ENOENT, f"inode {inode}")
+            a = unpack_attr(inode, raw)
             if a.typ == TYPE_DIR:
                 raise oserror(errno.EISDIR, f"inode {inode}")
             if a.typ != TYPE_FILE:
@@ -956,8 +1186,65 @@ class BaseMeta(Meta):
             delta = align4k(a.length) - align4k(old)
             if delta:
                 tx.incrby("usedSpace", delta)
-            return a
+            return a, n + 1
+        a, n = self.txn(fn)
+        cb = self.on_compact
+        if cb is not None and n >= self.compact_threshold:
+            try:
+                cb(inode, index, n)
+            except Exception:
+                log.exception("on_compact failed")
+        return a
+
+    def replace_chunk(self, inode: int, index: int, old: list[Slice], new: list[Slice]) -> bool:
+        """Compaction's commit: make ``new`` the slice list of chunk ``index`` if it is still
+        exactly ``old`` (else False: something wrote meanwhile; nothing changes). The slices of
+        ``old`` that ``new`` does not use are kept ``slice_delay`` seconds (readers may hold the
+        old list) and then deleted by :meth:`cleanup_delayed_slices`. Attributes do not change."""
+        expected = [pack_slice(s) for s in old]
+        packed = [pack_slice(s) for s in new]
+        keep = {s.id for s in new}
+        ckey = _ckey(inode, index)
+
+        def fn(tx):
+            raw, items = tx.batch([("get", _ikey(inode)), ("lrange", ckey)])
+            if raw is None or [bytes(x) for x in items] != expected:
+                return False
+            tx.delete(ckey, "list")
+            for p in packed:
+                tx.rpush(ckey, p)
+            stamp = repr(time.time()).encode()
+            for sid, size in self._slices_of([items]):
+                if sid not in keep:
+                    tx.hset("pendingDelete", str(sid).encode(), b"%d," % size + stamp)
+            return True
         return self.txn(fn)
+
+    def list_delayed_slices(self) -> list[tuple[int, int]]:
+        raw = self.txn(lambda tx: tx.hgetall("pendingDelete"), readonly=True)
+        return [(int(k), int(bytes(v).split(b",")[0])) for k, v in raw.items()]
+
+    def cleanup_delayed_slices(self, older_than: float | None = None) -> int:
+        """Delete (``on_delete_slices``) the slices compaction replaced more than ``older_than``
+        seconds ago (default ``slice_delay``). Returns how many; 0 without ``on_delete_slices``."""
+        if self.on_delete_slices is None:
+            return 0
+        cutoff = time.time() - (self.slice_delay if older_than is None else older_than)
+        raw = self.txn(lambda tx: tx.hgetall("pendingDelete"), readonly=True)
+        due = []
+        for k, v in raw.items():
+            size, stamp = bytes(v).split(b",")
+            if float(stamp) <= cutoff:
+                due.append((int(k), int(size)))
+        if not due:
+            return 0
+
+        def fn(tx):
+            for sid, _size in due:
+                tx.hdel("pendingDelete", str(sid).encode())
+            return None, due
+        self._run(fn)
+        return len(due)
 
     def open_file(self, inode: int) -> None:
         with self._open_lock:
@@ -1055,71 +1342,131 @@ class BaseMeta(Meta):
         return self.txn(fn, readonly=True)
 
     _COUNTERS = ("nextInode", "nextSlice", "nextSession", "usedSpace", "totalInodes")
+    _ID_COUNTERS = ("nextInode", "nextSlice", "nextSession")
+
+    # -- dump / load -------------------------------------------------------------------------------
+    def dump_iter(self, batch: int = 500) -> Iterator[tuple[str, object]]:
+        """The volume piece by piece: ``("setting", dict)``, then ``("inode", (ino, node))`` for
+        every inode (``batch`` inodes per round trip), then ``("counters", dict)``. Files unlinked
+        while open (nlink 0) are left out (their blocks become garbage for gc), so ``usedSpace``
+        and ``totalInodes`` are counted from what was dumped. Sessions are left out. Each batch is
+        read in its own transaction: dump a quiet volume for a consistent copy."""
+        def head(tx):
+            return tx.get("setting"), tx.batch([("counter", k) for k in self._ID_COUNTERS]), \
+                [k for k in tx.scan_keys("i") if k[1:].isdigit()]
+        setting, ids, ikeys = self.txn(head, readonly=True)
+        if setting is None:
+            raise self._not_formatted()
+        yield "setting", json.loads(setting)
+        used = total = 0
+        for i in range(0, len(ikeys), batch):
+            part = ikeys[i: i + batch]
+            for ino, node in self.txn(lambda tx: self._dump_nodes(tx, part), readonly=True):
+                used += align4k(node["length"])
+                total += 1
+                yield "inode", (ino, node)
+        counters = dict(zip(self._ID_COUNTERS, (int(c) for c in ids)))
+        counters.update(usedSpace=used, totalInodes=total)
+        yield "counters", counters
+
+    def _dump_nodes(self, tx, ikeys: list[str]) -> list[tuple[int, dict]]:
+        import base64
+        attrs = []
+        ops: list = []
+        for k, raw in zip(ikeys, tx.gets(ikeys)):
+            if raw is None:
+                continue
+            a = unpack_attr(int(k[1:]), raw)
+            if a.nlink == 0 and a.typ != TYPE_DIR:
+                continue                    # unlinked, kept only for an open handle
+            ckeys = self._chunk_keys(a.inode, a.length) if a.typ == TYPE_FILE else []
+            attrs.append((a, len(ops), ckeys))
+            ops.append(("hgetall", f"x{a.inode}"))
+            if a.typ == TYPE_DIR:
+                ops.append(("hgetall", _dkey(a.inode)))
+            elif a.typ == TYPE_SYMLINK:
+                ops.append(("get", f"s{a.inode}"))
+            ops += [("lrange", ck) for ck in ckeys]
+        got = tx.batch(ops) if ops else []
+        out = []
+        for a, at, ckeys in attrs:
+            node = {f: getattr(a, f) for f in ("typ", "mode", "uid", "gid", "atime", "mtime",
+                                               "ctime", "nlink", "length", "parent")}
+            if got[at]:
+                node["xattrs"] = {_dec(n): base64.b64encode(v).decode()
+                                  for n, v in sorted(got[at].items())}
+            at += 1
+            if a.typ == TYPE_DIR:
+                node["entries"] = {_dec(n): unpack_entry(v)[1] for n, v in sorted(got[at].items())}
+                at += 1
+            elif a.typ == TYPE_SYMLINK:
+                node["target"] = _dec(got[at] or b"")
+                at += 1
+            chunks = {}
+            for ck, items in zip(ckeys, got[at: at + len(ckeys)]):
+                if items:
+                    chunks[ck.rsplit("_", 1)[1]] = [list(_SLICE.unpack(r)) for r in items]
+            if chunks:
+                node["chunks"] = chunks
+            out.append((a.inode, node))
+        return out
 
     def dump(self) -> dict:
         """The whole volume as a JSON-able dict (settings, counters, every inode with its entries,
-        xattrs, symlink target and chunks), read in one transaction; sessions are left out.
-        :meth:`load_dump` puts it into an empty engine of any kind."""
-        import base64
+        xattrs, symlink target and chunks); see :meth:`dump_iter`. :meth:`load_dump` puts it into
+        an empty engine of any kind."""
+        out: dict = {"format": "torchjuice-meta-dump", "version": 1}
+        inodes = {}
+        for kind, value in self.dump_iter():
+            if kind == "inode":
+                inodes[str(value[0])] = value[1]
+            else:
+                out[kind] = value
+        out["inodes"] = inodes
+        return out
 
-        def fn(tx):
-            setting = tx.get("setting")
-            if setting is None:
-                raise self._not_formatted()
-            counters = tx.batch([("counter", k) for k in self._COUNTERS])
-            ikeys = tx.scan_keys("i")
-            inodes = {}
-            for k, raw in zip(ikeys, tx.gets(ikeys) if ikeys else []):
-                if raw is None:
-                    continue
-                ino = int(k[1:])
-                a = unpack_attr(ino, raw)
-                node = {f: getattr(a, f) for f in ("typ", "mode", "uid", "gid", "atime", "mtime",
-                                                   "ctime", "nlink", "length", "parent")}
-                ops = [("hgetall", f"x{ino}")]
-                ckeys = self._chunk_keys(ino, a.length) if a.typ == TYPE_FILE else []
-                if a.typ == TYPE_DIR:
-                    ops.append(("hgetall", _dkey(ino)))
-                elif a.typ == TYPE_SYMLINK:
-                    ops.append(("get", f"s{ino}"))
-                ops += [("lrange", ck) for ck in ckeys]
-                got = tx.batch(ops)
-                if got[0]:
-                    node["xattrs"] = {_dec(n): base64.b64encode(v).decode()
-                                      for n, v in sorted(got[0].items())}
-                if a.typ == TYPE_DIR:
-                    node["entries"] = {_dec(n): unpack_entry(v)[1]
-                                       for n, v in sorted(got[1].items())}
-                elif a.typ == TYPE_SYMLINK:
-                    node["target"] = _dec(got[1] or b"")
-                chunks = {}
-                for ck, items in zip(ckeys, got[1:]):
-                    if items:
-                        chunks[ck.rsplit("_", 1)[1]] = [list(_SLICE.unpack(r)) for r in items]
-                if chunks:
-                    node["chunks"] = chunks
-                inodes[str(ino)] = node
-            return {"format": "torchjuice-meta-dump", "version": 1,
-                    "setting": json.loads(setting),
-                    "counters": dict(zip(self._COUNTERS, (int(c) for c in counters))),
-                    "inodes": inodes}
-        return self.txn(fn, readonly=True)
+    def dump_to(self, fp: IO[str], progress: Callable[[int], None] | None = None) -> int:
+        """Write :meth:`dump` as JSON to text file ``fp`` without building it in memory (one
+        inode per line). ``progress(1)`` is called per inode. Returns the number of inodes."""
+        n = 0
+        fp.write('{"format": "torchjuice-meta-dump", "version": 1,\n')
+        for kind, value in self.dump_iter():
+            if kind == "setting":
+                fp.write(f'"setting": {json.dumps(value, sort_keys=True)},\n"inodes": {{')
+            elif kind == "inode":
+                fp.write(f'{"," if n else ""}\n"{value[0]}": '
+                         f'{json.dumps(value[1], separators=(",", ":"))}')
+                n += 1
+                if progress is not None:
+                    progress(1)
+            else:
+                fp.write(f'}},\n"counters": {json.dumps(value, sort_keys=True)}}}\n')
+        return n
 
-    def load_dump(self, data: dict) -> None:
-        """Fill an empty engine from :meth:`dump`'s output (AlreadyFormattedError otherwise)."""
+    def load_dump(self, data: dict, force: bool = False, batch: int = 1000,
+                  progress: Callable[[int], None] | None = None) -> None:
+        """Fill an empty engine from :meth:`dump`'s output. An engine holding anything raises
+        ``AlreadyFormattedError`` unless ``force`` (then everything in it is removed first).
+        Inodes go in ``batch`` per transaction; the settings last, so an interrupted load leaves
+        an engine that is not a volume (load again with ``force``)."""
         import base64
         if data.get("format") != "torchjuice-meta-dump":
             raise oserror(errno.EINVAL, None, "not a torchjuice metadata dump")
         fmt = Format.from_json(json.dumps(data["setting"]))
+        setting, keys = self.txn(lambda tx: (tx.get("setting"), tx.scan_keys("")), readonly=True)
+        if keys and not force:
+            what = (f"volume {Format.from_json(setting).name!r}" if setting is not None else
+                    f"{len(keys)} keys")
+            raise AlreadyFormattedError(f"{redact(self.url)} already holds {what} (load with "
+                                        "force to replace it)")
+        for i in range(0, len(keys), batch):
+            part = keys[i: i + batch]
+            self.txn(lambda tx: [tx.delete(k) for k in part])
+        nodes = data["inodes"]
+        items = list(nodes.items())
 
-        def fn(tx):
-            if tx.get("setting") is not None:
-                raise AlreadyFormattedError(f"{redact(self.url)} already holds a volume")
-            tx.set("setting", fmt.to_json().encode())
-            for k, v in data["counters"].items():
-                if v:
-                    tx.incrby(k, int(v))
-            for sino, node in data["inodes"].items():
+        def put(tx, part):
+            for sino, node in part:
                 ino = int(sino)
                 a = Attr(ino, node["typ"], node["mode"], node["uid"], node["gid"], node["atime"],
                          node["mtime"], node["ctime"], node["nlink"], node["length"],
@@ -1130,23 +1477,33 @@ class BaseMeta(Meta):
                 if "target" in node:
                     tx.set(f"s{ino}", _enc(node["target"]))
                 for n, child in node.get("entries", {}).items():
-                    ctyp = data["inodes"][str(child)]["typ"]
-                    tx.hset(_dkey(ino), _enc(n), pack_entry(ctyp, child))
+                    cnode = nodes.get(str(child))
+                    if cnode is not None:           # else a dangling entry: dropped
+                        tx.hset(_dkey(ino), _enc(n), pack_entry(cnode["typ"], child))
                 for indx, slices in node.get("chunks", {}).items():
+                    ck = _ckey(ino, int(indx))
                     for sl in slices:
-                        tx.rpush(_ckey(ino, int(indx)), _SLICE.pack(*sl))
-        self.txn(fn)
+                        tx.rpush(ck, _SLICE.pack(*sl))
+        for i in range(0, len(items), batch):
+            part = items[i: i + batch]
+            self.txn(lambda tx: put(tx, part))
+            if progress is not None:
+                progress(len(part))
+
+        def finish(tx):
+            for k, v in data["counters"].items():
+                if v:
+                    tx.incrby(k, int(v))
+            tx.set("setting", fmt.to_json().encode())
+        self.txn(finish)
         self.fmt = fmt
 
-    def check(self) -> list[str]:
-        """fsck: the problems found in the whole tree (empty when consistent). Checks that every
-        entry points at an inode of its type, no inode is orphaned, nlink counts match the entries
-        (files) and 2 + subdirectories (dirs), parents are right and the usedSpace/totalInodes
-        counters agree. Files with nlink 0 (unlinked while open) are not problems. On engines
-        without snapshot reads (Redis) run it on a quiet volume."""
+    # -- fsck --------------------------------------------------------------------------------------
+    def _inspect(self) -> list[tuple]:
+        """The inconsistencies of the namespace as ``(kind, message, *details)``."""
         def fn(tx):
-            ikeys = tx.scan_keys("i")
-            dkeys = tx.scan_keys("d")
+            ikeys = [k for k in tx.scan_keys("i") if k[1:].isdigit()]
+            dkeys = [k for k in tx.scan_keys("d") if k[1:].isdigit()]
             inos = [int(k[1:]) for k in ikeys]
             attrs = {ino: unpack_attr(ino, r)
                      for ino, r in zip(inos, tx.gets(ikeys) if ikeys else []) if r is not None}
@@ -1154,52 +1511,150 @@ class BaseMeta(Meta):
             used, total = tx.batch([("counter", "usedSpace"), ("counter", "totalInodes")])
             return attrs, dirs, used, total
         attrs, dirs, used, total = self.txn(fn, readonly=True)
-        problems: list[str] = []
+        problems: list[tuple] = []
         refs: Counter = Counter()
         subdirs: Counter = Counter()
-        where: dict[int, int] = {}
+        where: dict[int, list[tuple[int, bytes]]] = {}
         for d, entries in dirs.items():
             if not entries:
                 continue
             da = attrs.get(d)
             if da is None or da.typ != TYPE_DIR:
-                problems.append(f"entries under inode {d}, which is not a directory")
+                problems.append(("notdir", f"entries under inode {d}, which is not a directory",
+                                 d))
+                continue
             for k, v in entries.items():
                 typ, ino = unpack_entry(v)
                 a = attrs.get(ino)
                 if a is None:
-                    problems.append(f"entry {_dec(k)!r} in {d} points at missing inode {ino}")
+                    problems.append(("dangling", f"entry {_dec(k)!r} in {d} points at missing "
+                                                 f"inode {ino}", d, bytes(k)))
                     continue
                 if a.typ != typ:
-                    problems.append(f"entry {_dec(k)!r} in {d}: type {typ} but inode {ino} is "
-                                    f"{a.typ}")
+                    problems.append(("etype", f"entry {_dec(k)!r} in {d}: type {typ} but inode "
+                                              f"{ino} is {a.typ}", d, bytes(k), a.typ, ino))
                 refs[ino] += 1
-                where[ino] = d
-                if typ == TYPE_DIR:
+                where.setdefault(ino, []).append((d, bytes(k)))
+                if a.typ == TYPE_DIR:
                     subdirs[d] += 1
         for ino, a in attrs.items():
             if a.typ == TYPE_DIR:
-                if ino != ROOT_INODE and refs[ino] != 1:
-                    problems.append(f"directory {ino} has {refs[ino]} entries")
+                if ino == TRASH_INODE:
+                    if a.parent != ROOT_INODE:
+                        problems.append(("parent", f"trash parent {a.parent} != {ROOT_INODE}",
+                                         ino, ROOT_INODE))
+                elif ino != ROOT_INODE and refs[ino] == 0:
+                    problems.append(("orphan", f"directory {ino} is orphaned", ino))
+                elif ino != ROOT_INODE and refs[ino] > 1:
+                    problems.append(("dirrefs", f"directory {ino} has {refs[ino]} entries", ino,
+                                     where[ino]))
                 if a.nlink != 2 + subdirs[ino]:
-                    problems.append(f"directory {ino} nlink {a.nlink} != 2 + {subdirs[ino]}")
-                if ino != ROOT_INODE and refs[ino] == 1 and a.parent != where[ino]:
-                    problems.append(f"directory {ino} parent {a.parent} != {where[ino]}")
+                    problems.append(("nlink", f"directory {ino} nlink {a.nlink} != 2 + "
+                                              f"{subdirs[ino]}", ino, 2 + subdirs[ino]))
+                if ino != ROOT_INODE and refs[ino] == 1 and a.parent != where[ino][0][0]:
+                    problems.append(("parent", f"directory {ino} parent {a.parent} != "
+                                               f"{where[ino][0][0]}", ino, where[ino][0][0]))
             else:
                 if a.nlink == 0 and refs[ino] == 0:
                     continue                     # unlinked while open somewhere
                 if refs[ino] == 0:
-                    problems.append(f"inode {ino} is orphaned (nlink {a.nlink})")
+                    problems.append(("orphan", f"inode {ino} is orphaned (nlink {a.nlink})", ino))
                 elif a.nlink != refs[ino]:
-                    problems.append(f"inode {ino} nlink {a.nlink} != {refs[ino]} entries")
-                elif refs[ino] == 1 and a.parent not in (0, where[ino]):
-                    problems.append(f"inode {ino} parent {a.parent} != {where[ino]}")
+                    problems.append(("nlink", f"inode {ino} nlink {a.nlink} != {refs[ino]} "
+                                              "entries", ino, refs[ino]))
+                elif refs[ino] == 1 and a.parent not in (0, where[ino][0][0]):
+                    problems.append(("parent", f"inode {ino} parent {a.parent} != "
+                                               f"{where[ino][0][0]}", ino, where[ino][0][0]))
         if total != len(attrs):
-            problems.append(f"totalInodes {total} != {len(attrs)} inodes")
+            problems.append(("counter", f"totalInodes {total} != {len(attrs)} inodes",
+                             "totalInodes", len(attrs) - total))
         space = sum(align4k(a.length) for a in attrs.values())
         if used != space:
-            problems.append(f"usedSpace {used} != {space}")
+            problems.append(("counter", f"usedSpace {used} != {space}", "usedSpace",
+                             space - used))
         return problems
+
+    def check(self) -> list[str]:
+        """fsck: the problems found in the whole tree (empty when consistent). Checks that every
+        entry points at an inode of its type, no inode is orphaned, nlink counts match the entries
+        (files) and 2 + subdirectories (dirs), parents are right and the usedSpace/totalInodes
+        counters agree. Files with nlink 0 (unlinked while open) are not problems. On engines
+        without snapshot reads (Redis) run it on a quiet volume."""
+        return [p[1] for p in self._inspect()]
+
+    def repair(self) -> list[str]:
+        """Fix what :meth:`check` finds, on a quiet volume; returns what was done. Dangling
+        entries and entries under a non-directory are removed; an entry with the wrong type is
+        rewritten; nlink counts, parents and the counters are set to what the tree says; orphaned
+        inodes are linked into ``/lost+found`` as ``{inode}``; a directory with several entries
+        keeps the one its parent field names."""
+        done: list[str] = []
+        for _round in range(4):
+            problems = self._inspect()
+            if not problems:
+                break
+            for p in problems:
+                try:
+                    if self._repair_one(p):
+                        done.append(f"fixed: {p[1]}")
+                except OSError as e:
+                    done.append(f"could not fix: {p[1]} ({e})")
+        return done
+
+    def _repair_one(self, p: tuple) -> bool:
+        kind = p[0]
+        if kind == "notdir":
+            d = p[2]
+            self.txn(lambda tx: tx.delete(_dkey(d), "hash"))
+        elif kind == "dangling":
+            d, k = p[2], p[3]
+            self.txn(lambda tx: tx.hdel(_dkey(d), k))
+        elif kind == "etype":
+            d, k, typ, ino = p[2:]
+            self.txn(lambda tx: tx.hset(_dkey(d), k, pack_entry(typ, ino)))
+        elif kind in ("nlink", "parent"):
+            ino, want = p[2], p[3]
+
+            def fn(tx):
+                a = self._get_attr(tx, ino)
+                setattr(a, kind, want)
+                tx.set(_ikey(ino), pack_attr(a))
+            self.txn(fn)
+        elif kind == "counter":
+            name, delta = p[2], p[3]
+            self.txn(lambda tx: tx.incrby(name, delta))
+        elif kind == "dirrefs":
+            ino, places = p[2], p[3]
+            a = self.getattr(ino)
+            keep = next((pl for pl in places if pl[0] == a.parent), places[0])
+
+            def fn(tx):
+                for d, k in places:
+                    if (d, k) != keep:
+                        tx.hdel(_dkey(d), k)
+            self.txn(fn)
+        elif kind == "orphan":
+            ino = p[2]
+            try:
+                lf = self.mkdir(ROOT_INODE, "lost+found", 0o700).inode
+            except FileExistsError:
+                lf = self.lookup(ROOT_INODE, "lost+found").inode
+
+            def fn(tx):
+                a = self._get_attr(tx, ino)
+                la = self._get_attr(tx, lf)
+                a.parent = lf
+                if a.typ == TYPE_DIR:
+                    la.nlink += 1
+                else:
+                    a.nlink = 1
+                tx.hset(_dkey(lf), str(ino).encode(), pack_entry(a.typ, ino))
+                tx.set(_ikey(ino), pack_attr(a))
+                tx.set(_ikey(lf), pack_attr(la))
+            self.txn(fn)
+        else:
+            return False
+        return True
 
 
 def backoff(attempt: int) -> None:

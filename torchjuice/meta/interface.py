@@ -18,6 +18,11 @@ from typing import Callable, Iterable
 
 CHUNK_SIZE = 64 << 20          # a file is cut into chunks of this many bytes
 ROOT_INODE = 1
+#: the trash directory, ``/.trash`` (reachable by path, not listed in the root; JuiceFS's number).
+#: Its subdirectories, one per hour (``YYYY-MM-DD-HH`` in UTC), are inodes ``TRASH_INODE + 1 +
+#: hours since the epoch``; a removed file sits there as ``{parent}-{inode}-{name}``.
+TRASH_INODE = 0x7FFFFFFF10000000
+TRASH_NAME = ".trash"
 
 TYPE_FILE = 1
 TYPE_DIR = 2
@@ -118,6 +123,17 @@ class Meta(ABC):
     session_stats: Callable[[], dict] | None = None
     #: seconds between session heartbeats
     heartbeat_interval: float = 10.0
+    #: called after ``write_chunk`` left a chunk with ``compact_threshold`` slices or more, with
+    #: ``(inode, index, nslices)``; the data layer sets it to compact the chunk in the background
+    on_compact: Callable[[int, int, int], None] | None = None
+    compact_threshold: int = 64
+    #: background jobs of a client with a session and a data layer (``on_delete_slices`` set): at
+    #: most once per ``cleanup_interval`` seconds across all clients (a lease in the engine), drop
+    #: sessions silent for ``session_timeout`` seconds (freeing their open-but-deleted files),
+    #: expire the trash and delete compacted-away slices older than ``slice_delay`` seconds
+    cleanup_interval: float = 60.0
+    session_timeout: float = 300.0
+    slice_delay: float = 3600.0
 
     # -- volume ------------------------------------------------------------------------------------
     @abstractmethod
@@ -249,6 +265,11 @@ class Meta(ABC):
     @abstractmethod
     def list_slices(self) -> Iterable[tuple[int, int]]:
         """Every ``(id, size)`` a chunk refers to (id > 0), for gc."""
+
+    def list_delayed_slices(self) -> list[tuple[int, int]]:
+        """Slices compaction replaced, kept ``slice_delay`` seconds for readers that still use
+        them: references too, for gc."""
+        return []
 
 
 def new_meta(url: str) -> Meta:

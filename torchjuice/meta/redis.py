@@ -67,6 +67,7 @@ _READS = {
     "hmget": (lambda k, fs: ("HMGET", k, *fs), _ident),
     "hlen": (lambda k: ("HLEN", k), _ident),
     "lrange": (lambda k: ("LRANGE", k, 0, -1), _ident),
+    "llen": (lambda k: ("LLEN", k), _int0),
 }
 
 
@@ -158,6 +159,9 @@ class _RedisTx(KVTx):
 
     def lrange(self, k):
         return self._read1("lrange", k)
+
+    def llen(self, k):
+        return self._read1("llen", k)
 
     def scan_keys(self, prefix):
         out, cursor = [], b"0"

@@ -55,6 +55,7 @@ _Q = {
     "hlen": "SELECT COUNT(*) FROM hkv WHERE k = ?",
     "rpush": "INSERT INTO lkv (k, v) VALUES (?, ?)",
     "lrange": "SELECT v FROM lkv WHERE k = ? ORDER BY id",
+    "llen": "SELECT COUNT(*) FROM lkv WHERE k = ?",
     "scan": "SELECT k FROM kv WHERE substr(k, 1, ?) = ? UNION "
             "SELECT k FROM hkv WHERE substr(k, 1, ?) = ? UNION "
             "SELECT k FROM lkv WHERE substr(k, 1, ?) = ? UNION "
@@ -161,6 +162,9 @@ class _SQLTx(KVTx):
 
     def lrange(self, k):
         return [r[0] for r in self._x(self._q["lrange"], (k,))]
+
+    def llen(self, k):
+        return int(self._x(self._q["llen"], (k,)).fetchone()[0])
 
     def scan_keys(self, prefix):
         n = len(prefix)
@@ -336,9 +340,9 @@ class SQLMeta(BaseMeta):
         finally:
             self._creating = False
 
-    def load_dump(self, data: dict) -> None:
+    def load_dump(self, data: dict, *args, **kwargs) -> None:
         self._creating = True
         try:
-            super().load_dump(data)
+            super().load_dump(data, *args, **kwargs)
         finally:
             self._creating = False

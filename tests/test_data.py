@@ -67,6 +67,8 @@ def collate_keys(samples):                 # module level: picklable for spawn
 def test_expand_braces():
     assert expand_braces("a-{000..002}.tar") == ["a-000.tar", "a-001.tar", "a-002.tar"]
     assert expand_braces("x{1..3}") == ["x1", "x2", "x3"]
+    assert expand_braces("{0..10}")[-2:] == ["9", "10"] and expand_braces("{00..10}")[0] == "00"
+    assert expand_braces("{3..1}") == ["3", "2", "1"]
     assert expand_braces("{a,b}/{0..1}") == ["a/0", "a/1", "b/0", "b/1"]
     assert expand_braces("{0..6..3}") == ["0", "3", "6"]
     assert expand_braces("{x}y") == ["{x}y"]

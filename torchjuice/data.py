@@ -98,8 +98,9 @@ def expand_braces(pattern: str) -> list[str]:
         if m:
             a, b = int(m.group(1)), int(m.group(2))
             step = abs(int(m.group(3) or 1)) or 1
-            width = max(len(m.group(1)), len(m.group(2))) \
-                if (m.group(1).lstrip("-").startswith("0") or m.group(2).lstrip("-").startswith("0")) else 0
+            padded = any(len(g.lstrip("-")) > 1 and g.lstrip("-").startswith("0")
+                         for g in (m.group(1), m.group(2)))        # as bash: {00..10}, not {0..10}
+            width = max(len(m.group(1)), len(m.group(2))) if padded else 0
             seq = range(a, b + 1, step) if a <= b else range(a, b - 1, -step)
             return [x for n in seq for x in expand_braces(f"{head}{n:0{width}d}{tail}")]
         parts, depth, cur = [], 0, []
@@ -279,6 +280,8 @@ class JuiceDataset(Dataset):
                 if not files:
                     raise ValueError(f"no files under {url_or_list}")
                 self.urls = UrlIndex((u for u, _ in files), (s for _, s in files))
+                self._vols.resolve(split_url(url_or_list)[0])
+                return
         else:
             urls = [_check_url(u) for u in url_or_list]
             if not urls:

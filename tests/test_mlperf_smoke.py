@@ -18,8 +18,9 @@ def test_mlperf_smoke(tmp_path):
     results = os.path.join(ROOT, "benchmarks", "results")
 
     def committed():
-        return {n: os.stat(os.path.join(results, n)).st_mtime_ns for n in os.listdir(results)
-                if n.startswith("mlperf.")} if os.path.isdir(results) else {}
+        names = ("mlperf.json", "mlperf.md", "mlperf.png")     # what a run writes
+        return {n: os.stat(os.path.join(results, n)).st_mtime_ns for n in names
+                if os.path.exists(os.path.join(results, n))}
     before = committed()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.mlperf", "--smoke", "--out", str(out),
                            "--work", str(tmp_path)],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import io
+import threading
 
 
 from ..chunk.store import ChunkStore
@@ -18,6 +19,21 @@ from ..errors import oserror
 from ..meta import Meta
 from .reader import FileReader
 from .writer import FileWriter
+
+
+_local = threading.local()
+_SCRATCH_MAX = 64 << 20
+
+
+def _scratch(n: int) -> memoryview:
+    """A per-thread buffer to read into before making the ``bytes`` that ``read`` returns: a
+    fresh zeroed buffer per call costs page faults as large as the copy itself."""
+    if n > _SCRATCH_MAX:
+        return memoryview(bytearray(n))
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _local.buf = bytearray(max(n, 1 << 20))
+    return memoryview(buf)[:n]
 
 
 class JuiceRawFile(io.RawIOBase):
@@ -103,18 +119,14 @@ class JuiceRawFile(io.RawIOBase):
         self._check_closed()
         if self._writer is not None and self._writer.dirty:
             self._flush_writes()
-        buf = bytearray(max(0, self._length - self._pos))
-        n = self.readinto(buf)
-        del buf[n:]
-        return bytes(buf)
+        return self.read(max(0, self._length - self._pos))
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0:
             return self.readall()
-        buf = bytearray(size)
-        n = self.readinto(buf)
-        del buf[n:]
-        return bytes(buf)
+        view = _scratch(size)
+        n = self.readinto(view)
+        return bytes(view[:n])
 
     # -- writes --------------------------------------------------------------------------------------
     def write(self, b) -> int:

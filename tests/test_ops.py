@@ -134,6 +134,8 @@ def test_trash_keeps_removed_and_replaced_files_until_restored_or_expired(reques
     assert vol.meta.check() == []
     # nothing can be created or moved into the trash
     for bad in (lambda: vol.write_bytes(f"/.trash/{hour}/x", b""),
+                lambda: vol.mkdir("/.trash"),                      # the name is taken
+                lambda: vol.rename("/d/b", "/.trash"),
                 lambda: vol.mkdir("/.trash/x"),
                 lambda: vol.rename("/d/b", f"/.trash/{hour}/y"),
                 lambda: vol.link("/d/b", f"/.trash/{hour}/z")):

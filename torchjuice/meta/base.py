@@ -164,6 +164,12 @@ def check_name(name: str) -> None:
         raise oserror(errno.ENAMETOOLONG, name)
 
 
+def _check_free(parent: int, name: str) -> None:
+    """EPERM for a new entry named like the trash in the root (``/.trash`` is taken)."""
+    if parent == ROOT_INODE and name == TRASH_NAME:
+        raise oserror(errno.EPERM, name, "reserved for the trash")
+
+
 class KVTx:
     """Base of engines' transaction objects: ``batch`` done one read at a time."""
 
@@ -678,6 +684,7 @@ class BaseMeta(Meta):
     def mknod(self, parent: int, name: str, typ: int, mode: int = 0o644, uid: int = 0,
               gid: int = 0, target: str | None = None) -> Attr:
         check_name(name)
+        _check_free(parent, name)
         if typ not in (TYPE_FILE, TYPE_DIR, TYPE_SYMLINK):
             raise oserror(errno.EINVAL, name, f"unknown inode type {typ}")
         tbytes = b""
@@ -923,6 +930,9 @@ class BaseMeta(Meta):
                flags: int = 0) -> None:
         check_name(name_src)
         check_name(name_dst)
+        _check_free(parent_dst, name_dst)
+        if flags & RENAME_EXCHANGE:
+            _check_free(parent_src, name_src)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
                 flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise oserror(errno.EINVAL, name_src, f"bad rename flags {flags}")
@@ -1068,6 +1078,7 @@ class BaseMeta(Meta):
 
     def link(self, inode: int, parent: int, name: str) -> Attr:
         check_name(name)
+        _check_free(parent, name)
         ename = _enc(name)
         pkey, dkey = _ikey(parent), _dkey(parent)
 

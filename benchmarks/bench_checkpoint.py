@@ -123,10 +123,30 @@ def check(out, sd) -> None:
         assert torch.equal(out[k], sd[k]), f"loaded {k} differs"
 
 
+_server_pid: list[int] = []          # the S3 server's pid, for its CPU time
+_last_cpu: list[tuple[float, float]] = []
+
+
+def _cpu() -> tuple[float, float]:
+    """CPU seconds used so far by this process (every thread) and by the S3 server process."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    server = 0.0
+    if _server_pid:
+        with open(f"/proc/{_server_pid[0]}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return r.ru_utime + r.ru_stime, server
+
+
 def timed(fn):
+    c0 = _cpu()
     t = time.perf_counter()
     r = fn()
-    return time.perf_counter() - t, r
+    wall = time.perf_counter() - t
+    c1 = _cpu()
+    _last_cpu[:] = [(c1[0] - c0[0], c1[1] - c0[1])]
+    return wall, r
 
 
 def main() -> None:
@@ -165,11 +185,19 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     failures: list[str] = []
 
+    cpu: dict[str, list[tuple[float, float]]] = {}
+
     def note(key: str, seconds: float) -> None:
         times.setdefault(key, []).append(seconds)
-        print(f"  {key:38s} {seconds:7.2f}s  {size / seconds / MiB:7.0f} MiB/s", flush=True)
+        extra = ""
+        if _last_cpu:
+            cpu.setdefault(key, []).append(_last_cpu[0])
+            extra = f"  cpu: this process {_last_cpu[0][0]:6.2f}s, S3 server {_last_cpu[0][1]:6.2f}s"
+            _last_cpu.clear()
+        print(f"  {key:38s} {seconds:7.2f}s  {size / seconds / MiB:7.0f} MiB/s{extra}", flush=True)
 
     s3 = start_s3()
+    _server_pid.append(s3.proc.pid)
     try:
         tj.format(f"sqlite3://{work}/local.db", "local", storage=f"file://{work}/store")
         tj.format(f"sqlite3://{work}/s3.db", "s3vol", storage=s3.url("tj"))
@@ -317,18 +345,26 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    def row(label, key, base_key=None, higher_better=True):
+    def row(label, key, base_key=None, with_cpu=False):
         t = med.get(key)
         if t is None:
             return None
         ratio = ""
         if base_key and base_key in med:
             ratio = f"{med[base_key] / t:.2f}x"
-        return [label, f"{t:.2f}", f"{size / t / MiB:.0f}", ratio]
+        out = [label, f"{t:.2f}", f"{size / t / MiB:.0f}", ratio]
+        if with_cpu:
+            c = cpu.get(key) or [(float("nan"), float("nan"))]
+            out += [f"{statistics.median(x[0] for x in c):.2f}",
+                    f"{statistics.median(x[1] for x in c):.2f}"]
+        return out
 
-    def block(title, items):
-        rows = [r for r in (row(*it) for it in items) if r is not None]
-        return fmt_table([title, "seconds", "MiB/s", "speed vs base"], rows)
+    def block(title, items, with_cpu=False):
+        rows = [r for r in (row(*it, with_cpu=with_cpu) for it in items) if r is not None]
+        head = [title, "seconds", "MiB/s", "speed vs base"]
+        if with_cpu:
+            head += ["CPU s, this process", "CPU s, S3 server"]
+        return fmt_table(head, rows)
 
     gib = f"{size / (1 << 30):.2f} GiB"
     t_local = block(f"{gib}, local", [
@@ -345,7 +381,8 @@ def main() -> None:
         ("s3torchconnector S3Checkpoint save", "s3torchconnector save", "raw PUT"),
         ("raw boto3 GET, 16 threads (base)", "raw GET", "raw GET"),
         ("tj.load, S3 volume", "tj.load s3vol", "raw GET"),
-        ("s3torchconnector load (range-based reader)", "s3torchconnector load", "raw GET")])
+        ("s3torchconnector load (range-based reader)", "s3torchconnector load", "raw GET")],
+        with_cpu=True)
     a_rows = []
     for vol, label in (("local", "local-dir volume"), ("s3vol", "S3 volume")):
         sync = med.get(f"tj.save {vol}")
@@ -381,8 +418,8 @@ def main() -> None:
     if failures:
         table += "\n\nfailures:\n" + "\n".join(failures)
     print(table)
-    rows_out = [{"method": k, "median_s": v, "runs_s": times[k], "MiBps": size / v / MiB}
-                for k, v in med.items()]
+    rows_out = [{"method": k, "median_s": v, "runs_s": times[k], "MiBps": size / v / MiB,
+                 "cpu_s_process_server": cpu.get(k)} for k, v in med.items()]
     if not a.no_save:
         notes = (f"State dict: {len(sd)} tensors, {size} bytes ({ckpt_bytes} serialised); median of "
                  f"{a.repeat} runs, methods interleaved. 'speed vs base' is base time / method time "

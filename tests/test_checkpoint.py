@@ -532,7 +532,12 @@ def test_dcp_single_process_writer_reader_and_fsspec(vol):
     out = {"w": torch.zeros(1000), "layers": {str(i): torch.zeros(300) for i in range(6)}, "step": 0}
     dcp.load(out, storage_reader=ck.JuiceStorageReader("juice://ck/dcp/ours"))
     assert same(out, sd2)
-    assert ck.retain("juice://ck/dcp", keep=1, key="name") == ["juice://ck/dcp/fsspec"]
+    fut = dcp.async_save(sd2, storage_writer=ck.JuiceStorageWriter("juice://ck/dcp/zasync"))
+    fut.result()                                                 # dcp.async_save works too
+    out = {"w": torch.zeros(1000), "layers": {str(i): torch.zeros(300) for i in range(6)}, "step": 0}
+    dcp.load(out, storage_reader=ck.JuiceStorageReader("juice://ck/dcp/zasync"))
+    assert same(out, sd2)
+    assert ck.retain("juice://ck/dcp", keep=2, key="name") == ["juice://ck/dcp/fsspec"]
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -1468,8 +1468,8 @@ class BaseMeta(Meta):
         if keys and not force:
             what = (f"volume {Format.from_json(setting).name!r}" if setting is not None else
                     f"{len(keys)} keys")
-            raise AlreadyFormattedError(f"{redact(self.url)} already holds {what} (load with "
-                                        "force to replace it)")
+            raise AlreadyFormattedError(f"{redact(self.url)} already holds {what} (--force / "
+                                        "force=True replaces it)")
         for i in range(0, len(keys), batch):
             part = keys[i: i + batch]
             self.txn(lambda tx: [tx.delete(k) for k in part])

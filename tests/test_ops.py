@@ -556,14 +556,15 @@ def test_transient_store_errors_are_retried_persistent_ones_raise(request, tmp_p
     store.fail_next(2, op="get", exc=InjectedConnectionError)
     assert vol.read_bytes("/a") == data
     assert vol.metrics()["store_retries"] >= 5
-    # a missing block is not retried: it is an error at once
+    # a missing block is not retried with backoff: the read refreshes the file's slice list
+    # once (a compaction may have replaced the block) and then fails
     key = vol.info("/a")["chunks"][0]["slices"][0]["objects"][2]
     body = vol.store.get(key)
     vol.store.delete(key)
     gets = store.calls["get"]
     with pytest.raises(FileNotFoundError):
         vol.read_bytes("/a")
-    assert store.calls["get"] - gets <= 3
+    assert store.calls["get"] - gets <= 2 * 3
     vol.store.put(key, body)
     # persistent failure: the write raises, nothing is committed, the old content stays
     landed = []

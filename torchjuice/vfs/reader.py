@@ -104,6 +104,18 @@ class FileReader:
         """Fill ``out`` from file offset ``off``; stops at ``length`` (the file size). Returns the
         number of bytes read."""
         n = max(0, min(len(out), length - off))
+        if self.max_readahead > 0:
+            self._readahead(off, n, length)
+        try:
+            self._read(off, n, out)
+        except FileNotFoundError:
+            # A block this handle's (cached) slice list points at is gone: compaction replaced
+            # it a while ago. Read the chunks' slice lists again and retry once.
+            self.invalidate()
+            self._read(off, n, out)
+        return n
+
+    def _read(self, off: int, n: int, out: memoryview) -> None:
         reads = []
         for foff, k, sid, size, soff in self._pieces(off, n):
             view = out[foff - off: foff - off + k]
@@ -111,11 +123,8 @@ class FileReader:
                 zero_fill(view)
             else:
                 reads.extend(self.chunks.read_slice(sid, size, soff, view))
-        if self.max_readahead > 0:
-            self._readahead(off, n, length)
         if reads:
             self.chunks.run_reads(reads)
-        return n
 
     def _readahead(self, off: int, n: int, length: int) -> None:
         if off != self._next or n == 0:

@@ -71,8 +71,12 @@ class SliceBuffer:
         return self.frozen and all(f.done() for f in self._futures)
 
     def wait(self) -> None:
-        for f in self._futures:
-            f.result()
+        """Wait for every upload of this slice, then raise the first failure (so no upload of a
+        failed slice is still running when the caller moves on)."""
+        errors = [f.exception() for f in self._futures]
+        for e in errors:
+            if e is not None:
+                raise e
 
     def as_slice(self) -> Slice:
         return Slice(self.pos, self.sid, self.length, 0, self.length)

@@ -169,6 +169,43 @@ def _discard(vol: Volume, f, tmp: str) -> None:
         pass
 
 
+class _ErrorTap:
+    """Forwards to a file and remembers the first error raised by its ``write``/``flush``/``close``.
+    torch.save answers a failed write with a follow-up error of its own ("unexpected pos ..." from
+    its zip writer) and that is what would reach the caller; the store's error is the one to
+    raise."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: BaseException | None = None
+
+    def _call(self, name: str, *args):
+        try:
+            return getattr(self._f, name)(*args)
+        except BaseException as e:
+            if self.error is None:
+                self.error = e
+            raise
+
+    def write(self, b):
+        return self._call("write", b)
+
+    def flush(self):
+        return self._call("flush")
+
+    def close(self):
+        return self._call("close")
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def reraise(self, e: BaseException) -> None:
+        """Raise the file's own error instead of ``e`` when ``e`` merely followed it."""
+        err = self.error
+        if err is not None and err is not e:
+            raise err.with_traceback(err.__traceback__)
+
+
 @contextmanager
 def atomic_open(vol: Volume, path: str):
     """A binary file whose content replaces ``path`` atomically when the ``with`` block ends
@@ -213,7 +250,12 @@ def save(obj: Any, f, pickle_module=pickle, pickle_protocol: int = DEFAULT_PROTO
         return torch.save(obj, f, **kw)
     vol, path = target
     with atomic_open(vol, path) as fh:
-        torch.save(obj, fh, **kw)
+        tap = _ErrorTap(fh)
+        try:
+            torch.save(obj, tap, **kw)
+        except BaseException as e:
+            tap.reraise(e)
+            raise
 
 
 def _corrupt(e: BaseException) -> bool:
@@ -769,7 +811,12 @@ def _build_dcp() -> dict:
                 return
             # each file is committed atomically under its name: a reader sees it whole or not at all
             with atomic_open(vol, inner) as f:
-                yield f
+                tap = _ErrorTap(f)
+                try:
+                    yield tap
+                except BaseException as e:
+                    tap.reraise(e)
+                    raise
 
         def concat_path(self, path, suffix: str) -> str:
             return os.fspath(path).rstrip("/") + "/" + suffix

@@ -240,8 +240,34 @@ class BaseMeta(Meta):
         """Atomically add ``n`` to counter ``key`` outside any other transaction; the new value."""
         return self.txn(lambda tx: tx.incrby(key, n))
 
+    # Engines keep one connection per thread, registered in ``self._conns`` (guarded by
+    # ``self._conns_lock``, the thread's own in ``self._local.conn``); the bookkeeping is here,
+    # closing one connection is the engine's ``_disconnect``.
+    def _disconnect(self, c) -> None:
+        c.close()
+
+    def _drop_conn(self, c) -> None:
+        """Forget and close a broken connection of this thread."""
+        if getattr(self._local, "conn", None) is c:
+            self._local.conn = None
+        with self._conns_lock:
+            if c in self._conns:
+                self._conns.remove(c)
+        try:
+            self._disconnect(c)
+        except Exception:
+            pass
+
     def _close_engine(self) -> None:
         """Release connections."""
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        self._local = threading.local()
+        for c in conns:
+            try:
+                self._disconnect(c)
+            except Exception:
+                pass
 
     def _reset_engine(self) -> None:
         """In a forked child: forget the parent's connections (without closing them)."""

@@ -262,26 +262,8 @@ class RedisMeta(BaseMeta):
                 self._conns.append(c)
         return c
 
-    def _drop_conn(self, c) -> None:
-        if getattr(self._local, "conn", None) is c:
-            self._local.conn = None
-        with self._conns_lock:
-            if c in self._conns:
-                self._conns.remove(c)
-        try:
-            c.disconnect()
-        except Exception:
-            pass
-
-    def _close_engine(self) -> None:
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        self._local = threading.local()
-        for c in conns:
-            try:
-                c.disconnect()
-            except Exception:
-                pass
+    def _disconnect(self, c) -> None:
+        c.disconnect()
 
     def _reset_engine(self) -> None:
         # redis-py only shuts a socket down in the process that opened it: dropping is safe

@@ -253,26 +253,6 @@ class SQLMeta(BaseMeta):
             self._schema_ready = True
         return c
 
-    def _drop_conn(self, c) -> None:
-        if getattr(self._local, "conn", None) is c:
-            self._local.conn = None
-        with self._conns_lock:
-            if c in self._conns:
-                self._conns.remove(c)
-        try:
-            c.close()
-        except Exception:
-            pass
-
-    def _close_engine(self) -> None:
-        with self._conns_lock:
-            conns, self._conns = self._conns, []
-        self._local = threading.local()
-        for c in conns:
-            try:
-                c.close()
-            except Exception:
-                pass
 
     def _reset_engine(self) -> None:
         # never close the parent's connections here: that would end them for the parent too

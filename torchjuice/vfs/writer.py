@@ -8,7 +8,7 @@ go to the upload pool, which blocks writers while too many bytes are in flight.
 from __future__ import annotations
 
 from ..chunk.store import ChunkStore
-from ..meta import CHUNK_SIZE, Attr, Meta, Slice
+from ..meta import CHUNK_SIZE, Meta, Slice
 
 MAX_PENDING_SLICES = 64     # more uncommitted slices than this (random writes): commit the oldest
 

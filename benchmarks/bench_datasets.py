@@ -395,7 +395,8 @@ def main() -> None:
         old = os.path.join(RESULTS, "datasets.json")
         if os.path.exists(old):
             with open(old) as f:
-                kept = [r for r in json.load(f).get("rows", []) if r.get("run") not in parts]
+                kept = [r for r in json.load(f).get("rows", []) if r.get("run", "?") not in parts
+                        and r.get("run")]
             rows[:0] = kept
     print(tables(rows))
     if not a.no_save:

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # The PyTorch layer imports torch; load it only when one of its names is used, so that
 # `import torchjuice` (the CLI, fsspec, DataLoader workers) stays fast.
 _LAZY = {
-    "JuiceDataset": "data", "JuiceIterableDataset": "data",
+    "JuiceDataset": "data", "JuiceIterableDataset": "data", "JuiceDataLoader": "data",
     "save": "checkpoint", "load": "checkpoint", "async_save": "checkpoint",
     "load_safetensors": "models", "safe_open": "models", "save_safetensors": "models",
 }

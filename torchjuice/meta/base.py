@@ -1296,6 +1296,10 @@ class BaseMeta(Meta):
                 self._open[inode] = n
                 return
             self._open.pop(inode, None)
+        # the common case, a file that still has links, needs no write transaction
+        raw = self.txn(lambda tx: tx.get(_ikey(inode)), readonly=True)
+        if raw is None or unpack_attr(inode, raw).nlink > 0:
+            return
 
         def fn(tx):
             raw = tx.get(_ikey(inode))

@@ -10,7 +10,8 @@ The state dict: float32 and bfloat16 "layer" tensors of 4-48 MiB plus small bias
 
 - local: ``torch.save``/``torch.load`` with a local file (page cache, no fsync: the base for the
   local rows); ``tj.save``/``tj.load`` on a volume with a local-directory store (SQLite).
-- S3: the S3 server is moto in its own process on loopback, shared by every S3 method.
+- S3: the S3 server is moto in its own process on loopback, shared by every S3 method but
+  s3torchconnector, which gets a moto process of its own (see ``s3c_run``).
   ``tj.save``/``tj.load`` on a volume with that S3 store (SQLite metadata, 4 MiB blocks, 16
   upload/download threads); s3torchconnector's ``S3Checkpoint`` writer (the AWS CRT client; it
   always uploads multipart, and moto reassembles the parts with a full copy when the upload
@@ -149,6 +150,46 @@ def timed(fn):
     return wall, r
 
 
+def s3c_run(sd, rep: int, note, check, failures: list) -> None:
+    """s3torchconnector against a moto server of its own, stopped at the end: completing a
+    1.5 GB multipart upload grows moto's process to about 12 GB (parts, the joined object and
+    copies), which on this 24 GB machine must not share a server with the other methods."""
+    import torch
+    from s3torchconnector import S3Checkpoint, S3ClientConfig, S3ReaderConstructor
+
+    from torchjuice.object import create_store
+    srv = start_s3()
+    _server_pid[:] = [srv.proc.pid]
+    try:
+        url = srv.url()
+        create_store(url).create()
+        bucket = url.split("/")[2].split("?")[0]
+        s3c = S3Checkpoint(region="us-east-1", endpoint=srv.endpoint,
+                           s3client_config=S3ClientConfig(force_path_style=True))
+        ranged = S3ReaderConstructor.range_based()
+        with s3c.writer(f"s3://{bucket}/warm.pt") as w:              # connect first
+            torch.save({"w": torch.ones(1 << 20)}, w)
+
+        def save():
+            with s3c.writer(f"s3://{bucket}/step.pt") as w:
+                torch.save(sd, w)
+
+        def load():
+            with s3c._client.get_object(bucket, "step.pt", reader_constructor=ranged) as r:
+                return torch.load(r)
+        note("s3torchconnector save", timed(save)[0])
+        if rep == 0:                                   # minutes on moto: once (see the docstring)
+            t, out = timed(load)
+            note("s3torchconnector load", t)
+            check(out, sd)
+    finally:
+        srv.stop()
+        _server_pid[:] = _main_server_pid[:1]
+
+
+_main_server_pid: list[int] = []
+
+
 def main() -> None:
     from torchjuice.cli.main import parse_size
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -198,6 +239,7 @@ def main() -> None:
 
     s3 = start_s3()
     _server_pid.append(s3.proc.pid)
+    _main_server_pid.append(s3.proc.pid)
     try:
         tj.format(f"sqlite3://{work}/local.db", "local", storage=f"file://{work}/store")
         tj.format(f"sqlite3://{work}/s3.db", "s3vol", storage=s3.url("tj"))
@@ -205,25 +247,18 @@ def main() -> None:
         raw_url = s3.url()
         raw = create_store(raw_url)
         raw.create()
-        s3c = None
-        if not a.no_s3connector:
-            from s3torchconnector import S3Checkpoint, S3ClientConfig, S3ReaderConstructor
-            s3c_bucket_url = s3.url()
-            s3c_store = create_store(s3c_bucket_url)
-            s3c_store.create()
-            s3c_bucket = s3c_bucket_url.split("/")[2].split("?")[0]
-            s3c = S3Checkpoint(region="us-east-1", endpoint=s3.endpoint,
-                               s3client_config=S3ClientConfig(force_path_style=True))
-            ranged = S3ReaderConstructor.range_based()
 
-        # the serialised bytes, cut into 4 MiB blocks before any clock starts (raw PUT/GET)
-        buf = io.BytesIO()
-        torch.save(sd, buf)
-        view = buf.getbuffer()
-        blocks = [bytes(view[i:i + BLOCK]) for i in range(0, len(view), BLOCK)]
-        ckpt_bytes = len(view)
-        del view
-        buf = None
+        def serialised_blocks() -> list[bytes]:
+            """The checkpoint's bytes cut into 4 MiB blocks (made before the raw clock starts)."""
+            buf = io.BytesIO()
+            torch.save(sd, buf)
+            view = buf.getbuffer()
+            out = [bytes(view[i:i + BLOCK]) for i in range(0, len(view), BLOCK)]
+            del view
+            return out
+
+        blocks = serialised_blocks()
+        ckpt_bytes = sum(len(b) for b in blocks)
         keys = [f"raw/{i}" for i in range(len(blocks))]
         sinks = threading.local()                     # one reused 4 MiB buffer per GET thread
 
@@ -244,11 +279,6 @@ def main() -> None:
         tj.save(tiny, (cached, "/warm2.pt"))
         list(pool.map(raw.put, keys[:THREADS], blocks[:THREADS]))
         list(pool.map(raw_get, range(min(THREADS, len(keys)))))
-        if s3c is not None:
-            with s3c.writer(f"s3://{s3c_bucket}/warm.pt") as w:
-                torch.save(tiny, w)
-            with s3c._client.get_object(s3c_bucket, "warm.pt", reader_constructor=ranged) as r:
-                check(torch.load(r), tiny)
 
         for rep in range(a.repeat):
             print(f"run {rep + 1}/{a.repeat}", flush=True)
@@ -273,30 +303,18 @@ def main() -> None:
             note("tj.save s3vol cached", timed(lambda: tj.save(sd, (cached, f"/c/{rep}.pt")))[0])
             cached.remove(f"/c/{rep}.pt")
 
+            if blocks is None:
+                blocks = serialised_blocks()
             note("raw PUT", timed(lambda: list(pool.map(raw.put, keys, blocks)))[0])
             note("raw GET", timed(lambda: list(pool.map(raw_get, range(len(keys)))))[0])
             assert raw.get(keys[-1]) == blocks[-1]
             list(pool.map(raw.delete, keys))
+            blocks = None                              # 1.5 GB less while moto holds the peer's
+            gc.collect()
 
-            if s3c is not None:
-                uri = f"s3://{s3c_bucket}/s3c/step-{rep}.pt"
-
-                def s3c_save():
-                    with s3c.writer(uri) as w:
-                        torch.save(sd, w)
-
-                def s3c_load():
-                    with s3c._client.get_object(s3c_bucket, f"s3c/step-{rep}.pt",
-                                                reader_constructor=ranged) as r:
-                        return torch.load(r)
+            if not a.no_s3connector:
                 try:
-                    note("s3torchconnector save", timed(s3c_save)[0])
-                    if rep == 0:                       # minutes on moto: once (see the docstring)
-                        t, out = timed(s3c_load)
-                        note("s3torchconnector load", t)
-                        check(out, sd)
-                        del out
-                    s3c_store.delete(f"s3c/step-{rep}.pt")
+                    s3c_run(sd, rep, note, check, failures)
                 except Exception as e:                 # a peer's failure is a result, not a crash
                     failures.append(f"run {rep + 1}: s3torchconnector: {type(e).__name__}: {e}")
                     print("  " + failures[-1], flush=True)

@@ -84,9 +84,12 @@ def start_s3():
         def __init__(self):
             self.port = free_port()
             self.endpoint = f"http://127.0.0.1:{self.port}"
+            # two malloc arenas: moto's thread-per-request server otherwise keeps freed 4 MiB
+            # objects in many arenas and grows past 15 GB over a run (then the OOM killer)
             self.proc = subprocess.Popen(
                 [sys.executable, "-c", MOTO_PATCH, "-H", "127.0.0.1", "-p", str(self.port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "MALLOC_ARENA_MAX": "2"})
             _wait_port(self.port, self.proc, "moto server")
             for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
                          ("AWS_DEFAULT_REGION", "us-east-1")):
@@ -133,11 +136,22 @@ def _cpu() -> tuple[float, float]:
     import resource
     r = resource.getrusage(resource.RUSAGE_SELF)
     server = 0.0
-    if _server_pid:
+    try:
         with open(f"/proc/{_server_pid[0]}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         server = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, OSError):                  # no server (yet), or it is gone
+        pass
     return r.ru_utime + r.ru_stime, server
+
+
+def _server_rss() -> float:
+    try:
+        with open(f"/proc/{_server_pid[0]}/status") as f:
+            kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:"))
+        return kb / (1 << 20)
+    except (OSError, IndexError, StopIteration):
+        return float("nan")
 
 
 def timed(fn):
@@ -233,20 +247,37 @@ def main() -> None:
         extra = ""
         if _last_cpu:
             cpu.setdefault(key, []).append(_last_cpu[0])
-            extra = f"  cpu: this process {_last_cpu[0][0]:6.2f}s, S3 server {_last_cpu[0][1]:6.2f}s"
+            extra = (f"  cpu: this process {_last_cpu[0][0]:6.2f}s, S3 server "
+                     f"{_last_cpu[0][1]:6.2f}s (server RSS {_server_rss():.1f} GB)")
             _last_cpu.clear()
         print(f"  {key:38s} {seconds:7.2f}s  {size / seconds / MiB:7.0f} MiB/s{extra}", flush=True)
 
-    s3 = start_s3()
-    _server_pid.append(s3.proc.pid)
-    _main_server_pid.append(s3.proc.pid)
+    cur: dict = {}                                  # this run's S3 server, volumes and stores
+
+    def fresh_s3() -> None:
+        """A new S3 server for every group of S3 measurements (moto keeps the memory of deleted
+        objects -- about 1.5x their size -- so a run's 1.5 GB checkpoints would pile up in it past
+        this machine's memory), a new S3 volume and stores on it, connected and warmed up before
+        any clock starts."""
+        if cur:
+            cur["cached"].close()
+            tj.volume_for("s3vol").close()
+            cur["s3"].stop()
+        s3 = cur["s3"] = start_s3()
+        _server_pid[:] = _main_server_pid[:] = [s3.proc.pid]
+        cur["n"] = cur.get("n", 0) + 1
+        tj.format(f"sqlite3://{work}/s3-{cur['n']}.db", "s3vol", storage=s3.url("tj"))
+        cur["cached"] = tj.connect("s3vol", cache_size=10 << 30)   # the default: a disk cache
+        cur["raw"] = create_store(s3.url())
+        cur["raw"].create()
+        tiny = {"w": torch.ones(1 << 20)}
+        tj.save(tiny, "juice://s3vol/warm.pt")
+        check(tj.load("juice://s3vol/warm.pt"), tiny)
+        tj.save(tiny, (cur["cached"], "/warm2.pt"))
+        list(pool.map(cur["raw"].put, [f"warm/{i}" for i in range(THREADS)], [b"x" * BLOCK] * THREADS))
+
     try:
         tj.format(f"sqlite3://{work}/local.db", "local", storage=f"file://{work}/store")
-        tj.format(f"sqlite3://{work}/s3.db", "s3vol", storage=s3.url("tj"))
-        cached = tj.connect("s3vol", cache_size=10 << 30)     # the default: a local disk cache
-        raw_url = s3.url()
-        raw = create_store(raw_url)
-        raw.create()
 
         def serialised_blocks() -> list[bytes]:
             """The checkpoint's bytes cut into 4 MiB blocks (made before the raw clock starts)."""
@@ -266,19 +297,13 @@ def main() -> None:
             buf = getattr(sinks, "buf", None)
             if buf is None:
                 buf = sinks.buf = bytearray(BLOCK)
-            n = raw.get_into(keys[i], memoryview(buf)[:len(blocks[i])])
+            n = cur["raw"].get_into(keys[i], memoryview(buf)[:len(blocks[i])])
             assert n == len(blocks[i])
 
         pool = ThreadPoolExecutor(THREADS)
-
-        # connect everything once (volumes, S3 clients, thread pools): the runs time steady saves
         tiny = {"w": torch.ones(1 << 20)}
-        for vol in ("local", "s3vol"):
-            tj.save(tiny, f"juice://{vol}/warm.pt")
-            check(tj.load(f"juice://{vol}/warm.pt"), tiny)
-        tj.save(tiny, (cached, "/warm2.pt"))
-        list(pool.map(raw.put, keys[:THREADS], blocks[:THREADS]))
-        list(pool.map(raw_get, range(min(THREADS, len(keys)))))
+        tj.save(tiny, "juice://local/warm.pt")
+        check(tj.load("juice://local/warm.pt"), tiny)
 
         for rep in range(a.repeat):
             print(f"run {rep + 1}/{a.repeat}", flush=True)
@@ -291,6 +316,8 @@ def main() -> None:
             os.remove(local)
 
             for vol in ("local", "s3vol"):
+                if vol == "s3vol":
+                    fresh_s3()
                 url = f"juice://{vol}/ckpt/step-{rep}.pt"
                 note(f"tj.save {vol}", timed(lambda: tj.save(sd, url))[0])
                 t, out = timed(lambda: tj.load(url))
@@ -300,17 +327,21 @@ def main() -> None:
                 note(f"tj.save {vol} replacing", timed(lambda: tj.save(sd, url))[0])
                 tj.volume_for(vol).remove(f"/ckpt/step-{rep}.pt")
                 gc.collect()
-            note("tj.save s3vol cached", timed(lambda: tj.save(sd, (cached, f"/c/{rep}.pt")))[0])
-            cached.remove(f"/c/{rep}.pt")
+            fresh_s3()
+            note("tj.save s3vol cached",
+                 timed(lambda: tj.save(sd, (cur["cached"], f"/c/{rep}.pt")))[0])
+            cur["cached"].remove(f"/c/{rep}.pt")
 
+            fresh_s3()
             if blocks is None:
                 blocks = serialised_blocks()
-            note("raw PUT", timed(lambda: list(pool.map(raw.put, keys, blocks)))[0])
+            note("raw PUT", timed(lambda: list(pool.map(cur["raw"].put, keys, blocks)))[0])
             note("raw GET", timed(lambda: list(pool.map(raw_get, range(len(keys)))))[0])
-            assert raw.get(keys[-1]) == blocks[-1]
-            list(pool.map(raw.delete, keys))
+            assert cur["raw"].get(keys[-1]) == blocks[-1]
+            list(pool.map(cur["raw"].delete, keys))
             blocks = None                              # 1.5 GB less while moto holds the peer's
             gc.collect()
+            cur["s3"].stop()                           # and no idle server beside the peer's
 
             if not a.no_s3connector:
                 try:
@@ -320,6 +351,8 @@ def main() -> None:
                     print("  " + failures[-1], flush=True)
 
             for vol in ("local", "s3vol"):
+                if vol == "s3vol":
+                    fresh_s3()
                 saver = ck.AsyncSaver()
                 for phase in ("first", "steady"):
                     url = f"juice://{vol}/async/{phase}-{rep}.pt"
@@ -347,6 +380,7 @@ def main() -> None:
                          lambda c: dict(storage_writer=ck.JuiceStorageWriter(c)),
                          lambda c: dict(storage_reader=ck.JuiceStorageReader(c)))]
                 for i, (label, wkw, rkw) in enumerate(runs):
+                    fresh_s3()
                     cid = f"juice://s3vol/dcp/{i}-{rep}"
                     note(f"{label} save", timed(lambda: dcp.save(sd, **wkw(cid)))[0])
                     note(f"{label} load", timed(lambda: dcp.load(empty, **rkw(cid)))[0])
@@ -358,7 +392,8 @@ def main() -> None:
                 gc.collect()
         pool.shutdown()
     finally:
-        s3.stop()
+        if cur:
+            cur["s3"].stop()
         shutil.rmtree(work, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in times.items()}

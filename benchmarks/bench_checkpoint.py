@@ -10,8 +10,9 @@ The state dict: float32 and bfloat16 "layer" tensors of 4-48 MiB plus small bias
 
 - local: ``torch.save``/``torch.load`` with a local file (page cache, no fsync: the base for the
   local rows); ``tj.save``/``tj.load`` on a volume with a local-directory store (SQLite).
-- S3: the S3 server is moto in its own process on loopback, shared by every S3 method but
-  s3torchconnector, which gets a moto process of its own (see ``s3c_run``).
+- S3: the S3 server is moto in its own process on loopback, started afresh for each group of
+  measurements (``fresh_s3``: moto keeps the memory of deleted objects) and for
+  s3torchconnector (``s3c_run``).
   ``tj.save``/``tj.load`` on a volume with that S3 store (SQLite metadata, 4 MiB blocks, 16
   upload/download threads); s3torchconnector's ``S3Checkpoint`` writer (the AWS CRT client; it
   always uploads multipart, and moto reassembles the parts with a full copy when the upload
@@ -477,8 +478,9 @@ def main() -> None:
         notes = (f"State dict: {len(sd)} tensors, {size} bytes ({ckpt_bytes} serialised); median of "
                  f"{a.repeat} runs, methods interleaved. 'speed vs base' is base time / method time "
                  "(above 1 is faster than the base). Local rows: page cache, no fsync on either side. "
-                 "S3 rows: moto in its own process on loopback, shared by every method. See the "
-                 "docstring of benchmarks/bench_checkpoint.py for what each row does.")
+                 "S3 rows: moto in its own process on loopback, a fresh one for each group of "
+                 "measurements. See the docstring of benchmarks/bench_checkpoint.py for what each "
+                 "row does.")
         print("wrote", write_results("checkpoint", rows_out, table, notes))
 
 

@@ -349,6 +349,19 @@ class BaseMeta(Meta):
         lists = tx.batch([("lrange", k) for k in keys]) if keys else []
         return keys, self._slices_of(lists)
 
+    def _unlinked(self, tx, a: Attr, parent, name, to_trash, drop: bool, chunks, now) -> None:
+        """Write what becomes of an inode that lost an entry: moved to the trash, freed (its last
+        link, not open), or kept (other links, or nlink 0 but open here: sustained)."""
+        if to_trash is not None:
+            self._trash_writes(tx, a, parent, name, to_trash, now)
+            tx.set(_ikey(a.inode), pack_attr(a))
+        elif drop:
+            self._free_inode(tx, a, chunks)
+        else:
+            tx.set(_ikey(a.inode), pack_attr(a))
+            if a.nlink == 0:
+                self._sustain(tx, a.inode)
+
     @staticmethod
     def _free_inode(tx, a: Attr, chunk_keys: list[str]) -> None:
         """Write phase of freeing inode ``a``."""
@@ -794,15 +807,7 @@ class BaseMeta(Meta):
             p.mtime = p.ctime = now
             tx.set(pkey, pack_attr(p))
             if a is not None:
-                if to_trash is not None:
-                    self._trash_writes(tx, a, parent, ename, to_trash, now)
-                    tx.set(_ikey(ino), pack_attr(a))
-                elif drop:
-                    self._free_inode(tx, a, chunks)
-                else:
-                    tx.set(_ikey(ino), pack_attr(a))
-                    if a.nlink == 0:
-                        self._sustain(tx, ino)
+                self._unlinked(tx, a, parent, ename, to_trash, drop, chunks, now)
             return None, freed
         self._run(fn)
 
@@ -1053,15 +1058,7 @@ class BaseMeta(Meta):
                         if dattr is not None:
                             self._free_inode(tx, dattr, [])
                     elif dattr is not None:
-                        if to_trash is not None:
-                            self._trash_writes(tx, dattr, pd, ed, to_trash, now)
-                            tx.set(_ikey(dino), pack_attr(dattr))
-                        elif drop:
-                            self._free_inode(tx, dattr, drop_chunks)
-                        else:
-                            tx.set(_ikey(dino), pack_attr(dattr))
-                            if dattr.nlink == 0:
-                                self._sustain(tx, dino)
+                        self._unlinked(tx, dattr, pd, ed, to_trash, drop, drop_chunks, now)
                 tx.hdel(sk, es)
                 tx.hset(dk, ed, se)
                 if ps != pd:

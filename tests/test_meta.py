@@ -492,6 +492,46 @@ def test_chunks_write_read_truncate(m):
     assert m.check() == []
 
 
+def test_resolve_slices(m, meta_url):
+    """Path, attributes and every chunk's slices in one call; the same answers (and errors) as
+    resolve + read_chunk; another client's commit is seen by the next call."""
+    d = m.mkdir(ROOT_INODE, "d")
+    f = m.create(d.inode, "f")
+    m.symlink(ROOT_INODE, "link", "d/f")
+    m.symlink(ROOT_INODE, "dangling", "nowhere")
+    assert m.resolve_slices("/d/f") == (f, [])                      # empty file: no chunks
+    s1, s2 = _slice(m, 1000), _slice(m, 100, pos=500)
+    m.write_chunk(f.inode, 0, s1)
+    m.write_chunk(f.inode, 0, s2)
+    s3 = _slice(m, 10, pos=7)
+    a = m.write_chunk(f.inode, 2, s3)                                 # chunk 1 is a hole
+    got, chunks = m.resolve_slices("/d/f")
+    assert got == a == m.resolve("/d/f")
+    assert chunks == [[s1, s2], [], [s3]] == [m.read_chunk(f.inode, i) for i in range(3)]
+    assert m.resolve_slices("/link") == (a, chunks)                   # symlinks followed
+    link, none = m.resolve_slices("/link", follow=False)
+    assert link.is_symlink and none == []
+    assert m.resolve_slices("/d") == (m.getattr(d.inode), [])         # a directory: no slices
+    assert m.resolve_slices("/")[0].inode == ROOT_INODE
+    # close-to-open: what another client commits is seen by the next call
+    other = new_meta(meta_url)
+    try:
+        s4 = _slice(other, 3 * CHUNK_SIZE, pos=0)
+        s4 = Slice(pos=0, id=s4.id, size=CHUNK_SIZE, off=0, len=CHUNK_SIZE)
+        other.write_chunk(f.inode, 0, s4)
+        assert m.resolve_slices("/d/f")[1][0] == [s1, s2, s4]
+        other.truncate(f.inode, 10)
+        a, chunks = m.resolve_slices("/d/f")
+        assert a.length == 10 and len(chunks) == 1
+    finally:
+        other.close()
+    for path, code in (("/missing", errno.ENOENT), ("/dangling", errno.ENOENT),
+                       ("/d/f/x", errno.ENOTDIR), ("d/f", errno.EINVAL),
+                       ("/" + "x" * 256, errno.ENAMETOOLONG)):
+        with _errno(code):
+            m.resolve_slices(path)
+
+
 def test_delete_deferred_while_open(m, meta_url):
     freed = []
     m.on_delete_slices = freed.extend

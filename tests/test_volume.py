@@ -208,6 +208,80 @@ def test_read_own_unflushed_writes(vol):
         assert f.read() == b"abc"
 
 
+def test_read_bytes_every_engine_and_store(any_vol):
+    """read_bytes (one metadata transaction, whole blocks as bytes) gives what open+read gives,
+    for every layout: empty, one block, block edges, several slices, holes, a truncated slice."""
+    v, bs = any_vol, 1 * MiB
+    cases = {"/empty": b"", "/one": b"x", "/small": pattern(100_000, 1), "/block": pattern(bs, 2),
+             "/block1": pattern(bs + 1, 3), "/big": pattern(3 * bs + 7, 4)}
+    for path, data in cases.items():
+        v.write_bytes(path, data)
+    with v.open("/edited", "wb") as f:                # two slices in one block
+        f.write(pattern(200_000, 5))
+    with v.open("/edited", "r+b") as f:
+        f.seek(50_000)
+        f.write(b"E" * 1000)
+    cases["/edited"] = pattern(200_000, 5)[:50_000] + b"E" * 1000 + pattern(200_000, 5)[51_000:]
+    with v.open("/sparse", "wb") as f:                # a hole, then data past it
+        f.seek(CHUNK_SIZE + 10)
+        f.write(b"tail")
+    cases["/sparse"] = bytes(CHUNK_SIZE + 10) + b"tail"
+    v.write_bytes("/cut", pattern(300_000, 6))       # its slice is longer than the file now
+    v.truncate("/cut", 1000)
+    cases["/cut"] = pattern(300_000, 6)[:1000]
+    v.symlink("/small", "/link")
+    cases["/link"] = cases["/small"]
+    for path, data in cases.items():
+        got = v.read_bytes(path)
+        assert type(got) is bytes and got == data, path
+        with v.open(path, "rb") as f:
+            assert f.read() == data
+    v.makedirs("/dir")
+    with pytest.raises(IsADirectoryError):
+        v.read_bytes("/dir")
+    with pytest.raises(FileNotFoundError) as ei:
+        v.read_bytes("missing/x")
+    assert ei.value.filename == "missing/x"
+    with pytest.raises(NotADirectoryError):
+        v.read_bytes("/small/x")
+
+
+def test_read_bytes_is_one_metadata_transaction(vol):
+    vol.makedirs("/a/b")
+    vol.write_bytes("/a/b/f", pattern(100_000))
+    calls = []
+    real_txn, real_open = vol.meta.txn, vol.meta.open_file
+    vol.meta.txn = lambda fn, **kw: calls.append(kw) or real_txn(fn, **kw)
+    vol.meta.open_file = lambda ino: calls.append("open_file") or real_open(ino)
+    try:
+        assert vol.read_bytes("/a/b/f") == pattern(100_000)
+    finally:
+        del vol.meta.txn, vol.meta.open_file
+    assert calls == [{"readonly": True}]
+
+
+def test_read_bytes_looks_again_when_a_block_vanishes(request, tmp_path):
+    """A read that resolved the file just before it was rewritten (its old blocks deleted) reads
+    the new version; a block that is really missing is an error, not a loop."""
+    vol = _new_volume(request, tmp_path, "sqlite", "file", block_size=1 * MiB, trash_days=0)
+    for path in ("/small", "/big"):
+        vol.write_bytes(path, pattern(1000 if path == "/small" else 3 * MiB, 1))
+        stale = vol.meta.resolve_slices(path)
+        vol.write_bytes(path, pattern(2000 if path == "/small" else 3 * MiB, 2))   # old blocks freed
+        real = vol.meta.resolve_slices
+        answers = [stale]
+        vol.meta.resolve_slices = lambda p, *a: answers.pop() if answers else real(p, *a)
+        try:
+            assert vol.read_bytes(path) == pattern(2000 if path == "/small" else 3 * MiB, 2)
+        finally:
+            del vol.meta.resolve_slices
+        assert answers == []
+        for obj in list(vol.store.list(f"{vol.name}/chunks/")):
+            vol.store.delete(obj.key)
+        with pytest.raises(FileNotFoundError):
+            vol.read_bytes(path)
+
+
 def test_close_to_open_between_two_clients(request, tmp_path):
     meta = make_meta_url("sqlite", request, tmp_path)
     tj.format(meta, "c2o", storage=make_store_url("file", request, tmp_path))

@@ -26,6 +26,7 @@ from .meta import (CHUNK_SIZE, ROOT_INODE, TYPE_DIR, TYPE_FILE, Attr, Format, Me
 from .object import create_store
 from .units import parse_size
 from .vfs.handle import JuiceRawFile, open_flags
+from .vfs.reader import FileReader
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 BUFFER_SIZE = 1 << 20       # the io.Buffered* buffer: small reads and writes are batched this far
@@ -364,8 +365,49 @@ class Volume:
         return f
 
     def read_bytes(self, path: str) -> bytes:
-        with self.open(path, "rb", buffering=0) as f:
-            return f.readall()
+        """The whole content of a file, as ``bytes``.
+
+        Cheaper than ``open`` + ``read``: one metadata transaction resolves the path and reads
+        the length and slice lists together (``Meta.resolve_slices``), there is no open-file
+        bookkeeping, and a file held in one block (small files) comes back as the very ``bytes``
+        object the disk cache or the store produced. Larger files are read block-parallel into one
+        buffer. Close-to-open: each call sees every file closed before it. A block that vanishes
+        under the read (the file was rewritten, compacted or removed meanwhile) makes it look
+        again, once: the result is a version the file had, or ``FileNotFoundError``."""
+        p = self.norm(path)
+        seen = None
+        for attempt in range(3):
+            try:
+                attr, chunks = self.meta.resolve_slices(p)
+            except OSError as e:
+                if e.filename is None:
+                    raise _named(e, path) from None
+                raise type(e)(e.errno, e.strerror, path) from None
+            if attr.is_dir:
+                raise oserror(errno.EISDIR, path)
+            try:
+                return self._read_whole(attr, chunks)
+            except FileNotFoundError:
+                if seen == (attr, chunks) or attempt == 2:
+                    raise               # nothing changed: the block is really missing
+                seen = (attr, chunks)
+        raise AssertionError("unreachable")
+
+    def _read_whole(self, attr: Attr, chunks: list) -> bytes:
+        n = attr.length
+        if n == 0:
+            return b""
+        cs = self.chunks
+        if n <= cs.block_size and len(chunks) == 1 and len(chunks[0]) == 1:
+            s = chunks[0][0]          # one slice, one block, the whole file: no buffer at all
+            if s.id and s.pos == 0 and s.off == 0 and s.len >= n and min(cs.block_size, s.size) == n:
+                return cs.read_block_bytes(cs.key(s.id, 0, n), n)
+        reader = FileReader(self.meta, cs, attr.inode, 0)
+        for index, slices in enumerate(chunks):
+            reader.set_slices(index, slices)
+        buf = bytearray(n)
+        reader.read_into(0, memoryview(buf), n)          # holes read as zeros
+        return bytes(buf)
 
     def write_bytes(self, path: str, data) -> int:
         with self.open(path, "wb", buffering=0) as f:

@@ -268,6 +268,36 @@ class ChunkStore:
         self.metrics.buffer_hits += 1
         self.metrics.buffer_hit_bytes += n
 
+    def read_block_bytes(self, key: str, bsize: int) -> bytes:
+        """A whole block as a new ``bytes`` object, moved once: the disk cache's ``pread`` or
+        the store's response body become the result itself (and, blocks being immutable, the
+        same object is queued for the disk cache without a copy). Only a block held in the
+        memory buffer (or being fetched into it) is copied out of it."""
+        with self._lock:
+            known = key in self._buffer or key in self._fetching
+        if known:
+            return self.fetch(key, bsize)
+        if self.cache is not None:
+            try:
+                return self.cache.read_bytes(key, bsize)
+            except CacheMiss:
+                pass
+        t = time.perf_counter()
+        body = self._retry(self.store.get, key)
+        m = self.metrics
+        m.get_seconds += time.perf_counter() - t
+        m.get_count += 1
+        m.get_bytes += len(body)
+        data = body if self.compressor.name == "none" else self.compressor.decompress(body, bsize)
+        m.store_read_bytes += len(data)
+        if len(data) != bsize:
+            raise CorruptBlockError(f"block {key} holds {len(data)} bytes, not {bsize}")
+        if type(data) is not bytes:
+            data = bytes(data)
+        if self.cache is not None:
+            self._cache_later(key, data)
+        return data
+
     def _get_into(self, key: str, bsize: int, off: int, out: memoryview) -> None:
         t = time.perf_counter()
         got = self._retry(self.store.get_into, key, out, off)

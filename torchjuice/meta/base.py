@@ -635,14 +635,34 @@ class BaseMeta(Meta):
     def _getattr_dir(self, ino: int, path) -> Attr:
         return self.txn(lambda tx: self._dir_attr(ino, tx.get(_ikey(ino)), path), readonly=True)
 
-    def resolve(self, path: str, follow: bool = True) -> Attr:
+    @staticmethod
+    def _path_names(path: str) -> list[str]:
         if not path.startswith("/"):
             raise oserror(errno.EINVAL, path, "not an absolute path")
         names = [c for c in path.split("/") if c]
         for n in names:
             if len(_enc(n)) > MAX_NAME:
                 raise oserror(errno.ENAMETOOLONG, path)
+        return names
+
+    def resolve(self, path: str, follow: bool = True) -> Attr:
+        names = self._path_names(path)
         return self.txn(lambda tx: self._resolve_tx(tx, names, follow, path), readonly=True)
+
+    def resolve_slices(self, path: str, follow: bool = True) -> tuple[Attr, list[list[Slice]]]:
+        # One transaction instead of resolve + lookup + read_chunk per chunk (+ close_file): a
+        # whole-file read of a small file costs one round trip of path walk (server-side on
+        # Redis) and one batch of chunk lists.
+        names = self._path_names(path)
+
+        def fn(tx):
+            a = self._resolve_tx(tx, names, follow, path)
+            if a.typ != TYPE_FILE:
+                return a, []
+            keys = self._chunk_keys(a.inode, a.length)
+            lists = tx.batch([("lrange", k) for k in keys]) if keys else []
+            return a, [unpack_slices(items) for items in lists]
+        return self.txn(fn, readonly=True)
 
     def _resolve_tx(self, tx, names: list[str], follow: bool, path: str) -> Attr:
         stack = [ROOT_INODE]              # directories walked (physical), for '..'

@@ -239,6 +239,13 @@ class Meta(ABC):
         """The slices of chunk ``index``, oldest first (later ones win where they overlap)."""
 
     @abstractmethod
+    def resolve_slices(self, path: str, follow: bool = True) -> tuple[Attr, list[list[Slice]]]:
+        """``resolve(path)`` and, for a regular file, the slices of each of its chunks (a list per
+        chunk index, as ``read_chunk``), in one read transaction: what a whole-file read needs,
+        consistent with the length it returns on engines with snapshots (SQL). Empty for other
+        types. A fresh call sees every file closed before it (close-to-open)."""
+
+    @abstractmethod
     def write_chunk(self, inode: int, index: int, slice_: Slice, mtime: float | None = None) -> Attr:
         """Append ``slice_`` to chunk ``index``; the length grows to cover it."""
 

@@ -70,6 +70,11 @@ class FileReader:
             for i in indexes:
                 self._views.pop(i, None)
 
+    def set_slices(self, index: int, slices: list[Slice]) -> None:
+        """Use ``slices`` for chunk ``index`` (read by the caller together with the length, e.g.
+        ``Meta.resolve_slices``) instead of reading them again."""
+        self._views[index] = merge_slices(slices)
+
     def _view(self, index: int) -> list:
         view = self._views.get(index)
         if view is None:

@@ -356,3 +356,14 @@ def test_diskcache_unit_partial_reads_verify(tmp_path):
         out = memoryview(bytearray(n))
         c.read_into("k/1", len(data), off, out)
         assert bytes(out) == data[off: off + n]
+
+
+def test_copy_into_big_small_and_read_only_sources():
+    from torchjuice.chunk.store import COPY_NOGIL_MIN, copy_into
+    src = bytearray(os.urandom(COPY_NOGIL_MIN * 3))
+    for n, off in ((COPY_NOGIL_MIN * 2, 17), (100, 5), (COPY_NOGIL_MIN, 0)):
+        for source in (src, bytes(src), memoryview(src)):
+            out = bytearray(n + 8)
+            copy_into(memoryview(out)[4: 4 + n], source, off)
+            assert out[4: 4 + n] == src[off: off + n]
+            assert out[:4] == b"\0" * 4 and out[4 + n:] == b"\0" * 4     # nothing outside

@@ -14,6 +14,7 @@ cache (checksummed), then the object store — straight into the caller's buffer
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -41,6 +42,27 @@ STORE_RETRIES = 4
 _NO_RETRY = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
              CorruptBlockError, ValueError)
 _NO_RETRY_ERRNO = frozenset({errno.ENOSPC, errno.EROFS, errno.EINVAL, errno.ENAMETOOLONG})
+
+
+COPY_NOGIL_MIN = 256 << 10      # copies at least this big run with the GIL released
+
+
+def copy_into(out: memoryview, src, off: int = 0) -> None:
+    """``out[:] = src[off:off+len(out)]``. A big copy goes through ``ctypes.memmove``, which runs
+    without the GIL, so the download threads keep receiving while a reader copies a block out of
+    the memory buffer (a slice assignment would hold the GIL for the whole copy). Read-only
+    sources fall back to the slice assignment."""
+    n = len(out)
+    if n >= COPY_NOGIL_MIN and not out.readonly:
+        try:
+            src_mv = memoryview(src)
+            if not src_mv.readonly and src_mv.contiguous and out.contiguous:
+                ctypes.memmove(ctypes.addressof(ctypes.c_char.from_buffer(out)),
+                               ctypes.addressof(ctypes.c_char.from_buffer(src_mv)) + off, n)
+                return
+        except (TypeError, ValueError):
+            pass
+    out[:] = memoryview(src)[off: off + n]
 
 
 class Metrics:
@@ -258,11 +280,15 @@ class ChunkStore:
             if self.compressor.name == "none" and (n == bsize or self.cache is None):
                 self._get_into(key, bsize, off, out)             # straight into the caller
                 if n == bsize and self.cache is not None:
-                    self._cache_later(key, bytes(out))          # the caller may reuse `out`
+                    copy = self._alloc(bsize)                   # the caller may reuse `out`
+                    copy_into(memoryview(copy), out)
+                    self._cache_later(key, copy, copy)
+                    with self._lock:
+                        self._retire(copy)          # reused once the cache filler is done with it
                 return
         data = self._pinned(key, bsize)
         try:
-            out[:] = memoryview(data)[off: off + n]
+            copy_into(out, data, off)
         finally:
             self._unpin(key, data, consumed=off + n >= bsize)
         self.metrics.buffer_hits += 1

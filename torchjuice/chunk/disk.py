@@ -104,6 +104,7 @@ class DiskCache:
         self._lock_path = os.path.join(self.dir, ".lock")
         self._dirs: set[str] = set()
         self._tlock = threading.Lock()
+        self._acct: tuple[int, int, int] | None = None    # (pid, lock fd, usage fd)
         self._fdlock = threading.Lock()
         self._fds: OrderedDict[str, list] = OrderedDict()
         self.max_open = 256
@@ -339,28 +340,40 @@ class DiskCache:
     # its name. So a scan under the lock sees exactly the bytes in use and reserved, and the usage
     # file (a fast path that avoids scanning) never falls behind what is on disk.
 
+    # The lock file and the usage file stay open (one descriptor each per process: an flock
+    # belongs to an open file description, so a forked child opens its own). The usage is a
+    # fixed-width number rewritten in place under the lock: two syscalls per update, where a
+    # temp file and a rename cost a dozen and a directory change. A torn or empty usage file
+    # (a crash mid-write) reads as unknown and is rebuilt by a scan.
+
+    def _acct_fds(self) -> tuple[int, int]:
+        acct = self._acct
+        if acct is None or acct[0] != os.getpid():
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            acct = self._acct = (os.getpid(), os.open(self._lock_path, flags, 0o644),
+                                 os.open(self._usage_path, flags, 0o644))
+        return acct[1], acct[2]
+
     @contextmanager
     def _locked(self):
         with self._tlock:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._acct_fds()[0]
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
-                os.close(fd)              # releases the flock
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _read_usage(self) -> int:
         try:
-            with open(self._usage_path) as f:
-                return int(f.read())
-        except (FileNotFoundError, ValueError):
-            return self._scan_usage()
+            return int(os.pread(self._acct_fds()[1], 32, 0))
+        except ValueError:
+            n = self._scan_usage()
+            self._write_usage(n)
+            return n
 
     def _write_usage(self, n: int) -> None:
-        tmp = f"{self._usage_path}.{os.getpid()}.{threading.get_ident()}"
-        with open(tmp, "w") as f:
-            f.write(str(max(0, n)))
-        os.replace(tmp, self._usage_path)
+        os.pwrite(self._acct_fds()[1], b"%-20d" % max(0, n), 0)
 
     def _floor_ok(self, extra: int) -> bool:
         st = os.statvfs(self.dir)
@@ -436,6 +449,11 @@ class DiskCache:
 
     def close(self) -> None:
         """Close the cached fds (those in use close when their reader is done)."""
+        with self._tlock:
+            acct, self._acct = self._acct, None
+            if acct is not None and acct[0] == os.getpid():
+                os.close(acct[1])
+                os.close(acct[2])
         with self._fdlock:
             entries, self._fds = list(self._fds.values()), OrderedDict()
             for e in entries:

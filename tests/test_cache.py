@@ -367,3 +367,20 @@ def test_copy_into_big_small_and_read_only_sources():
             copy_into(memoryview(out)[4: 4 + n], source, off)
             assert out[4: 4 + n] == src[off: off + n]
             assert out[:4] == b"\0" * 4 and out[4 + n:] == b"\0" * 4     # nothing outside
+
+
+def test_torn_usage_file_is_rebuilt_from_a_scan(tmp_path):
+    cache = DiskCache(str(tmp_path), "vol", capacity=1 << 30)
+    for i in range(3):
+        assert cache.put(f"k/{i}", os.urandom(1000 + i))
+    used = cache.usage()
+    assert used == sum(1000 + i + trailer_size(1000 + i) for i in range(3))
+    with open(os.path.join(cache.dir, "usage"), "wb") as f:
+        f.write(b"12\x00garbage")                        # a crash mid-write
+    assert cache.usage() == used
+    other = DiskCache(str(tmp_path), "vol", capacity=1 << 30)     # another client of the cache
+    assert other.usage() == used
+    other.put("k/x", b"y" * 10)
+    assert cache.usage() == used + 10 + trailer_size(10)
+    cache.close()
+    other.close()

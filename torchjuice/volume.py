@@ -661,6 +661,66 @@ class Volume:
                     out.extend(self.chunks.blocks(s.id, s.size))
         return list(dict.fromkeys(out))
 
+    def local_blocks(self, path: str, offset: int, length: int, *,
+                     inode: int | None = None) -> list[tuple[int, int, str | None, int]]:
+        """Where bytes ``[offset, offset+length)`` of a file lie in local files: pieces
+        ``(file_offset, length, local_path, local_offset)`` in file order, covering the range
+        (clipped to the file's size). ``local_path`` holds the piece's bytes uncompressed, at
+        ``local_offset``, and verified (a ``file://`` store's own object, or a disk-cache file
+        whose checksum was just checked); None where they are not local -- holes, blocks not
+        cached, compressed objects -- and must be read as usual (``open``).
+
+        For memory-mapping a file's bytes (``torchjuice.models``): these files are never rewritten
+        in place (eviction, compaction and deletion unlink them, replacements are renamed over
+        them), so a mapping stays valid after any of that. ``inode``: the file must still be this
+        inode (else ``OSError(ESTALE)``: it was replaced)."""
+        from .vfs.reader import merge_slices
+        a = self._attr(path)
+        if a.is_dir:
+            raise oserror(errno.EISDIR, path)
+        if inode is not None and a.inode != inode:
+            raise OSError(errno.ESTALE, f"{path} was replaced", path)
+        offset = max(0, offset)
+        end = min(offset + max(0, length), a.length)
+        if end <= offset:
+            return []
+        if not self.chunks.has_local_blocks():
+            return [(offset, end - offset, None, 0)]
+        bs = self.chunks.block_size
+        raw: list[tuple[int, int, int, int, int, int]] = []    # (foff, n, sid, index, bsize, boff)
+        for index in range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
+            base = index * CHUNK_SIZE
+            lo, hi = max(offset, base) - base, min(end, base + CHUNK_SIZE) - base
+            pos = lo
+            for start, stop, sid, size, soff in merge_slices(self.meta.read_chunk(a.inode, index)):
+                if stop <= pos:
+                    continue
+                if start >= hi:
+                    break
+                if start > pos:
+                    raw.append((base + pos, start - pos, 0, 0, 0, 0))
+                    pos = start
+                upto = min(stop, hi)
+                if sid == 0:
+                    raw.append((base + pos, upto - pos, 0, 0, 0, 0))
+                else:
+                    so = soff + (pos - start)           # slice-object offset of pos
+                    while pos < upto:
+                        bi, boff = divmod(so, bs)
+                        bsize = min(bs, size - bi * bs)
+                        n = min(bsize - boff, upto - pos)
+                        raw.append((base + pos, n, sid, bi, bsize, boff))
+                        pos += n
+                        so += n
+                pos = upto
+            if pos < hi:
+                raw.append((base + pos, hi - pos, 0, 0, 0, 0))
+        keys = list(dict.fromkeys((self.chunks.key(sid, bi, bsize), bsize)
+                                  for _, _, sid, bi, bsize, _ in raw if sid))
+        where = dict(zip((k for k, _ in keys), self.chunks.local_blocks(keys)))
+        return [(foff, n, where[self.chunks.key(sid, bi, bsize)] if sid else None, boff)
+                for foff, n, sid, bi, bsize, boff in raw]
+
     def info(self, path: str) -> dict:
         """Inode, size, and the chunks, slices and objects behind a file (``torchjuice info``)."""
         a = self._attr(path, follow=False)

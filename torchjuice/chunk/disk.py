@@ -469,3 +469,51 @@ class DiskCache:
         return {"cache_hits": self.hits, "cache_misses": self.misses,
                 "cache_hit_bytes": self.hit_bytes, "cache_corrupt": self.corrupt,
                 "cache_evictions": self.evictions, "cache_skipped": self.skipped}
+
+    # -- local files for memory mapping (torchjuice.models) -------------------------------------------
+    def verified_path(self, key: str, bsize: int) -> str | None:
+        """The cache file holding block ``key`` -- its bytes ``[0, bsize)`` are the block's, and
+        their whole-block checksum was checked just now -- or None when the block is not cached
+        (or was found corrupt, and dropped: the caller fetches it again).
+
+        For a caller that maps the file (``mmap``) instead of reading it. That is safe because a
+        cache file is never rewritten in place: eviction and ``_drop`` unlink it, ``put`` and
+        ``promote`` rename a new file over it. A mapping keeps the old inode, bytes unchanged,
+        after any of these (its disk space is freed when the mapping goes). Opening the path
+        again may find another file for the same key: blocks are immutable, so it holds the same
+        bytes.
+
+        The check hashes the block through a read-only mapping of its own (no copy of the bytes;
+        it also brings the file into the page cache for the caller's mapping)."""
+        import mmap
+
+        for path in (self.path(key), self.staged_path(key)):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            return None
+        nseg = _segments(bsize)
+        try:
+            try:
+                size = os.fstat(fd).st_size
+                if size != bsize + trailer_size(bsize):
+                    self._drop(path, f"size {size}, not {bsize} bytes and a trailer")
+                tail = os.pread(fd, trailer_size(bsize), bsize)
+                self._check_footer(path, tail, nseg)
+                if bsize:
+                    with mmap.mmap(fd, bsize, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                        digest = xxhash.xxh3_64_digest(m)
+                else:
+                    digest = xxhash.xxh3_64_digest(b"")
+                if digest != tail[nseg * 8: nseg * 8 + 8]:
+                    self._drop(path, "checksum mismatch")
+            finally:
+                os.close(fd)
+        except (CacheMiss, OSError):
+            return None
+        self.hits += 1
+        self.hit_bytes += bsize
+        return path

@@ -612,3 +612,39 @@ class ChunkStore:
             self.cache.close()
         for p in pools:
             p.shutdown(wait=True)
+
+    # -- local files (the mmap path of torchjuice.models) ------------------------------------------
+    def has_local_blocks(self) -> bool:
+        """Whether :meth:`local_blocks` can ever find a block in a local file."""
+        return self.cache is not None or (self.compressor.name == "none"
+                                          and hasattr(self.store, "local_path"))
+
+    def local_blocks(self, blocks: list[tuple[str, int]]) -> list[str | None]:
+        """For each ``(key, bsize)``: a local file whose bytes ``[0, bsize)`` are the block's,
+        uncompressed and trustworthy, or None (read it the usual way). First choice: the object
+        itself when the store keeps objects as local files (``file://``) and blocks are not
+        compressed; then the disk cache, whose checksum is checked here (a corrupt block is
+        dropped, and so fetched again by the caller's read). Neither kind of file is ever
+        rewritten in place, so a memory mapping of one stays valid (same bytes) after the block
+        is evicted, deleted or replaced. Cache checks run in parallel on the download pool."""
+        out: list[str | None] = [None] * len(blocks)
+        todo = []
+        direct = self.compressor.name == "none" and hasattr(self.store, "local_path")
+        for i, (key, bsize) in enumerate(blocks):
+            if direct:
+                path = self.store.local_path(key)
+                try:
+                    if os.stat(path).st_size == bsize:
+                        out[i] = path
+                        continue
+                except OSError:
+                    pass
+            if self.cache is not None:
+                todo.append(i)
+        if len(todo) == 1:
+            out[todo[0]] = self.cache.verified_path(*blocks[todo[0]])
+        elif todo:
+            pool = self._pool("down")
+            for i, path in zip(todo, pool.map(lambda i: self.cache.verified_path(*blocks[i]), todo)):
+                out[i] = path
+        return out

@@ -198,3 +198,9 @@ class FileStore(ObjectStore):
 
     def __reduce__(self):
         return (type(self), (self.url,))
+
+    def local_path(self, key: str) -> str:
+        """The local file that holds object ``key`` (it may not exist). An object's file is never
+        rewritten in place -- ``put`` renames a new file over it, ``delete`` unlinks it -- so a
+        memory mapping of one stays valid, its bytes unchanged, after either."""
+        return self._path(key)

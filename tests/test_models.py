@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import struct
 
 import pytest
@@ -562,6 +563,184 @@ def test_round_trip_through_our_own_save(vol):
     tensors = random_model(15, scale=4)
     tj.save_safetensors(tensors, "juice://v/rt.safetensors")
     assert_same(tj.load_safetensors("juice://v/rt.safetensors"), tensors)
+
+
+# -- the mmap path: tensors as views over local block files ---------------------------------------------
+def mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose mapping holds the middle byte of ``t`` (from /proc/self/maps), or None
+    (anonymous memory: a copy). The edges of a tensor may share a page with bytes that are read."""
+    ptr = t.data_ptr() + t.numel() * t.element_size() // 2
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return parts[5].strip() if len(parts) > 5 and parts[5].startswith("/") else None
+    return None
+
+
+def big_model(seed: int = 30) -> dict:
+    """Tensors of several blocks each (BS = 64 KiB), and small ones between them."""
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(300, 257, generator=g).bfloat16(),
+            "a.bias": torch.randn(300, generator=g),
+            "b.weight": torch.randn(211, 301, generator=g),
+            "c.ids": torch.randint(-2**40, 2**40, (50_000,), generator=g),
+            "d.mask": torch.rand(123_457, generator=g) > 0.5}
+
+
+needs_linux = pytest.mark.skipif(not models._MMAP_OK, reason="the mmap path is Linux-only")
+
+
+def mapped_share(got: dict) -> float:
+    big = [t for t in got.values() if t.numel() * t.element_size() >= 4 * BS]
+    return sum(mapped_file(t) is not None for t in big) / len(big)
+
+
+@needs_linux
+def test_mmap_tensors_are_views_over_the_store_files(vol, tmp_path):
+    """file:// store, no compression: the block files themselves are mapped; only the header is
+    read; equal to safetensors; writes to a tensor are private (copy-on-write)."""
+    tensors = big_model()
+    raw = st.save(tensors)
+    url = put(vol, "/m.safetensors", raw)
+    before = vol.metrics()["get_count"]
+    got = tj.load_safetensors("/m.safetensors", volume=vol)
+    assert_same(got, st_load(raw))
+    assert vol.metrics()["get_count"] - before <= 2          # the header; no block read
+    files = {mapped_file(t) for t in got.values() if t.numel() * t.element_size() >= 4 * BS}
+    assert None not in files and all(f.startswith(f"{tmp_path}/data/") for f in files)
+    got["b.weight"].add_(1)                                  # private: the file is unchanged
+    assert vol.read_bytes("/m.safetensors") == raw
+    assert torch.equal(got["b.weight"], tensors["b.weight"] + 1)
+    assert_same(tj.load_safetensors(url), st_load(raw))
+    # each tensor still has a storage of its own bytes
+    for k, t in got.items():
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), k
+
+
+@needs_linux
+def test_mmap_mapping_outlives_the_file_and_goes_with_the_tensors(vol, tmp_path):
+    import gc
+    import glob
+    tensors = big_model(31)
+    raw = st.save(tensors)
+    url = put(vol, "/m.safetensors", raw)
+    got = tj.load_safetensors(url)
+    blocks = glob.glob(f"{tmp_path}/data/**/chunks/**/*_*_*", recursive=True)
+    assert blocks
+    vol.remove("/m.safetensors")
+    vol.trash_empty()
+    assert not any(os.path.exists(b) for b in blocks)        # the block files are gone ...
+    assert_same(got, st_load(raw))                           # ... the tensors are not
+    del got
+    gc.collect()
+    with open("/proc/self/maps") as f:                       # unmapped with the last tensor
+        assert f"{tmp_path}/data/" not in f.read()
+
+
+@needs_linux
+def test_mmap_off_copies(vol):
+    raw = st.save(big_model(32))
+    url = put(vol, "/m.safetensors", raw)
+    got = tj.load_safetensors(url, mmap=False)
+    assert_same(got, st_load(raw))
+    assert mapped_share(got) == 0
+
+
+@needs_linux
+def test_mmap_file_with_overwrites_and_holes(vol):
+    """Slices at odd offsets (overwrites), an append after a hole (a truncate that extended the
+    file): mapped where the pages line up, read elsewhere, equal either way."""
+    tensors = big_model(33)
+    tensors["z.zeros"] = torch.zeros(40_000)
+    raw = st.save(tensors)
+    (n,) = struct.unpack("<Q", raw[:8])
+    zoff = 8 + n + json.loads(raw[8:8 + n])["z.zeros"]["data_offsets"][0]
+    url = f"juice://{vol.name}/m.safetensors"
+    vol.write_bytes("/m.safetensors", raw[:zoff])
+    vol.truncate("/m.safetensors", zoff + 160_000)           # the zeros: a hole, never written
+    with vol.open("/m.safetensors", "ab") as f:
+        f.write(raw[zoff + 160_000:])
+    with vol.open("/m.safetensors", "r+b") as f:            # slices at odd offsets, same bytes
+        for off in (1000, 5 * BS + 123, 9 * BS - 7):
+            f.seek(off)
+            f.write(raw[off:off + 3 * BS + 17])
+    assert vol.read_bytes("/m.safetensors") == raw
+    got = tj.load_safetensors(url)
+    assert_same(got, st_load(raw))
+    pieces = vol.local_blocks("/m.safetensors", 0, len(raw))
+    assert sum(n for _, n, _, _ in pieces) == len(raw)
+    assert any(p is None for _, _, p, _ in pieces) and any(p for _, _, p, _ in pieces)
+
+
+@needs_linux
+def test_mmap_compressed_blocks_are_copied(tmp_path):
+    tj.format(f"sqlite3://{tmp_path}/meta.db", "c", storage=f"file://{tmp_path}/data",
+              block_size=BS, compression="lz4")
+    raw = st.save(big_model(34))
+    with tj.connect("c") as vol:
+        put(vol, "/m.safetensors", raw)
+        assert {p for _, _, p, _ in vol.local_blocks("/m.safetensors", 0, len(raw))} == {None}
+        got = tj.load_safetensors("/m.safetensors", volume=vol)
+        assert_same(got, st_load(raw))
+        assert mapped_share(got) == 0
+
+
+@pytest.fixture
+def cached(tmp_path):
+    """A volume on an in-memory store (nothing local) with a disk cache."""
+    tj.format(f"sqlite3://{tmp_path}/meta.db", "k", storage=f"mem://{os.urandom(4).hex()}",
+              block_size=BS, compression="zstd")
+    with tj.connect("k", cache_dir=str(tmp_path / "cache"), cache_size=1 << 30,
+                    cache_writes=False) as v:
+        yield v
+
+
+@needs_linux
+def test_mmap_maps_verified_disk_cache_blocks(cached, tmp_path):
+    """Blocks in the disk cache (decompressed there) are checked and mapped; clearing the cache
+    afterwards leaves the tensors valid."""
+    import shutil
+    raw = st.save(big_model(35))
+    put(cached, "/m.safetensors", raw)
+    got = tj.load_safetensors("/m.safetensors", volume=cached)   # cold: read, cached on the way
+    assert_same(got, st_load(raw))
+    assert mapped_share(got) == 0
+    cached.warmup("/m.safetensors")
+    m0 = cached.metrics()
+    got = tj.load_safetensors("/m.safetensors", volume=cached)
+    m1 = cached.metrics()
+    assert_same(got, st_load(raw))
+    assert mapped_share(got) == 1
+    assert all(mapped_file(t).startswith(f"{tmp_path}/cache/") for t in got.values()
+               if t.numel() * t.element_size() >= 4 * BS)
+    assert m1["get_count"] == m0["get_count"] and m1["cache_hits"] > m0["cache_hits"]
+    shutil.rmtree(tmp_path / "cache")                        # evicted, all of it
+    assert_same(got, st_load(raw))
+
+
+@needs_linux
+def test_mmap_corrupt_cache_block_is_not_mapped(cached, tmp_path):
+    import glob
+    raw = st.save(big_model(36))
+    put(cached, "/m.safetensors", raw)
+    cached.warmup("/m.safetensors")
+    files = sorted(glob.glob(f"{tmp_path}/cache/**/chunks/**/*_*_*", recursive=True))
+    victim = files[len(files) // 2]
+    with open(victim, "r+b") as f:                           # one bit flipped in the data
+        f.seek(1234)
+        b = f.read(1)
+        f.seek(1234)
+        f.write(bytes([b[0] ^ 0x10]))
+    m0 = cached.metrics()
+    got = tj.load_safetensors("/m.safetensors", volume=cached)
+    m1 = cached.metrics()
+    assert_same(got, st_load(raw))
+    assert m1["cache_corrupt"] == m0["cache_corrupt"] + 1
+    assert m1["get_count"] == m0["get_count"] + 1           # that block fetched again
+    mapped = {mapped_file(t) for t in got.values()}
+    assert victim not in mapped
 
 
 # -- the example inference server --------------------------------------------------------------------------

@@ -20,9 +20,10 @@ How a load moves bytes (see docs/models.md):
 * On a CUDA device the blocks land in a ring of pinned staging buffers and go to the device with
   non-blocking copies on a side stream, so reads and host-to-device copies overlap.
 
-The I/O sits behind :func:`_region`: an mmap path (tensors as views over the local block cache, so
-that a warm load copies nothing) slots in there once the disk cache exposes where a cached block
-lives on disk.
+* mmap-style: on the CPU, the blocks that lie uncompressed in local files (a ``file://`` store's
+  own objects; the disk cache's blocks, checksum checked first) are memory-mapped in place
+  instead (:func:`_mapped_region`), so a warm load copies nothing: those tensors are views over the
+  page cache, copy-on-write, valid after the cache evicts the blocks. The rest is read as above.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import errno
 import itertools
 import json
 import math
+import mmap
 import operator
 import os
 import posixpath
@@ -57,6 +59,8 @@ THREADS = 16
 LOCAL_THREADS = THREADS
 #: CUDA: pinned staging buffers in the ring, and the bytes each holds.
 STAGING_BUFFERS = 4
+#: the mmap path fills the page tables of mapped bytes in parallel steps of at least this much.
+POPULATE_STEP = 32 << 20
 STAGING_BYTES = 64 << 20
 #: get_slice: two runs closer than this are read as one range (the gap costs less than a request),
 #: and more runs than MAX_RUNS are merged whatever the gap.
@@ -156,6 +160,7 @@ class _File:
         self.path = path
         self.label = label
         self.block_size = vol.format.block_size
+        self.use_mmap = True            # whole-file loads map local blocks (see _mapped_region)
         self._lock = threading.Lock()
         self._free: list = []
         self._all: list = []
@@ -460,12 +465,138 @@ def _region(f: _File, start: int, end: int, pool: ThreadPoolExecutor | None,
     """THE I/O: file bytes ``[start, end)`` as a CPU uint8 tensor (``out`` if given), filling in the
     background, block requests in file order.
 
-    Where an mmap path goes: once the local disk cache can say which uncompressed cached files hold
-    these blocks, map them here (one contiguous mapping, file pages placed at their offsets) and
-    return a region that is already complete -- tensors then are views over the page cache."""
+    Without ``out``, the blocks that lie in local files (a ``file://`` store's own objects, the
+    disk cache's verified blocks; see :meth:`Volume.local_blocks`) are memory-mapped in place
+    instead of read (:func:`_mapped_region`): tensors over them are views of the page cache."""
     n = end - start
+    if out is None and n and f.use_mmap and _MMAP_OK:
+        region = _mapped_region(f, start, end, pool)
+        if region is not None:
+            return region
     buf = out if out is not None else torch.empty(n, dtype=torch.uint8)
     futures = f.submit(pool, _pieces(start, _byte_view(buf), f.block_size)) if n else []
+    return _Region(buf, start, futures)
+
+
+# -- the mmap path ---------------------------------------------------------------------------------------
+# One anonymous private mapping spans the region; each run of whole pages that a local file holds
+# (at a matching page offset) is then mapped over it in place (MAP_FIXED) from that file, privately:
+# a tensor written to gets copy-on-write pages, never touching the file. What is left -- holes,
+# blocks not local, page fragments at the edges of a piece -- is read into the anonymous pages as
+# usual. The mapping is owned by a Python ``mmap`` object held by the region's storage
+# (``torch.frombuffer``): when the last tensor goes, its ``munmap`` removes the file mappings too.
+# Until then the files' inodes stay alive, whatever the cache or the store does with their names.
+_MMAP_OK = sys.platform.startswith("linux") and sys.byteorder == "little"
+_PAGE = mmap.PAGESIZE
+_MAP_FIXED = 0x10
+_MADV_POPULATE_READ = 22                 # Linux 5.14+: fill the page tables without faulting
+_libc = None
+
+
+def _c():
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)            # ctypes calls release the GIL
+        lib.mmap.restype = ctypes.c_void_p
+        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_int, ctypes.c_long]
+        lib.madvise.restype = ctypes.c_int
+        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        _libc = lib
+    return _libc
+
+
+def _map_file(addr: int, length: int, path: str, local_off: int, need: int) -> bool:
+    """Map ``length`` bytes of ``path`` from ``local_off`` at ``addr`` (privately, in place of what
+    is there); False if the file is gone or shorter than ``need`` bytes (nothing mapped then)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size < need:           # a page past the end would be SIGBUS
+            return False
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        if _c().mmap(addr, length, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, local_off) == addr:
+            return True
+    finally:
+        os.close(fd)
+    # a failed MAP_FIXED may have unmapped the range already: anonymous memory back, to read into
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+    if _c().mmap(addr, length, prot, flags, -1, 0) != addr:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mmap: cannot restore memory after a failed file mapping: {os.strerror(e)}")
+    return False
+
+
+def _populate(addr: int, length: int) -> None:
+    """Fill the page tables of a mapped run now, in the kernel (no fault per page later; the
+    pages stay the page cache's until written). Best effort."""
+    _c().madvise(addr, length, _MADV_POPULATE_READ)
+
+
+def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
+    """File bytes ``[start, end)`` as a uint8 tensor whose locally held pages are mappings of the
+    local files; None when no byte is local (the caller reads everything)."""
+    local = f.vol.local_blocks(f.path, start, end - start, inode=f.inode)
+    if not any(p[2] for p in local):
+        return None
+    if local[-1][0] + local[-1][1] != end:
+        raise OSError(errno.EIO, f"{f.label}: file ended before byte {end}, inside a range its "
+                                 "header promised", f.label)
+    base = start - start % _PAGE                  # file offset at the mapping's first byte
+    holder = mmap.mmap(-1, end - base, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(holder, dtype=torch.uint8)      # keeps `holder` (and so the maps)
+    addr = whole.data_ptr()
+    buf = whole[start - base:]
+    view = _byte_view(buf)
+    del holder
+    reads: list[tuple[int, int]] = []             # file ranges to read
+    maps: list[tuple[int, int]] = []              # file ranges mapped
+    for foff, n, path, loff in local:
+        a, b = foff, foff + n
+        if path is not None and (foff - loff) % _PAGE == 0:
+            ma = base + -(-(a - base) // _PAGE) * _PAGE
+            # a partial last page only at the very end (the rest of that page is no one's)
+            mb = end if b == end else base + (b - base) // _PAGE * _PAGE
+            if mb > ma:
+                length = -(-(mb - ma) // _PAGE) * _PAGE
+                if _map_file(addr + (ma - base), length, path, loff + (ma - a), loff + (mb - a)):
+                    if ma > a:
+                        reads.append((a, ma))
+                    maps.append((ma, mb))
+                    if b > mb:
+                        reads.append((mb, b))
+                    continue
+        reads.append((a, b))
+    pieces = []
+    bs = f.block_size
+    for a, b in reads:
+        pos = a
+        while pos < b:
+            k = min(b - pos, bs - pos % bs)
+            pieces.append((pos, view, pos - start, k))
+            pos += k
+    futures = f.submit(pool, pieces) if pieces else []
+    # Populate the mapped runs in a few large parallel steps, in file order (a task per block
+    # would cost more in thread hand-offs than the kernel spends on the pages).
+    runs: list[list[int]] = []
+    for a, b in maps:
+        if runs and runs[-1][1] == a:
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    step = max(POPULATE_STEP, -(-sum(b - a for a, b in runs) // THREADS))
+    step = -(-step // _PAGE) * _PAGE
+    for a, b in runs:
+        end_page = base + -(-(b - base) // _PAGE) * _PAGE
+        for x in range(a, b, step):
+            y = min(x + step, end_page)
+            if pool is None:
+                _populate(addr + (x - base), y - x)
+            else:
+                futures.append((min(y, b), pool.submit(_populate, addr + (x - base), y - x)))
+    futures.sort(key=lambda e: e[0])
     return _Region(buf, start, futures)
 
 
@@ -632,7 +763,8 @@ def _shards(vol: Volume, path: str, label: str) -> list[tuple[str, set[str] | No
 
 
 def iter_safetensors(url, device="cpu", *, volume: Volume | None = None, meta: str | None = None,
-                     threads: int | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                     threads: int | None = None,
+                     mmap: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` in file order as the bytes arrive (a server can build its model
     while the rest is still loading). Same arguments as :func:`load_safetensors`."""
     vol, path, label = _resolve(url, volume, meta)
@@ -643,6 +775,7 @@ def iter_safetensors(url, device="cpu", *, volume: Volume | None = None, meta: s
     try:
         for p, _ in shards:
             files.append(_File(vol, p, f"juice://{vol.name}{p}"))
+            files[-1].use_mmap = mmap
         seen: dict[str, str] = {}
         for f, (_, names) in zip(files, shards):
             if names is not None:
@@ -665,15 +798,21 @@ def iter_safetensors(url, device="cpu", *, volume: Volume | None = None, meta: s
 
 
 def load_safetensors(url, device="cpu", *, volume: Volume | None = None, meta: str | None = None,
-                     threads: int | None = None) -> dict[str, torch.Tensor]:
+                     threads: int | None = None, mmap: bool = True) -> dict[str, torch.Tensor]:
     """Load every tensor of a safetensors file -- or of a directory holding
     ``model.safetensors.index.json`` (the sharded Hugging Face layout) or ``model.safetensors`` --
     into ``device``. Equal to ``safetensors.torch.load_file`` on the same bytes.
 
     ``url`` is ``juice://VOL/path``, or a path inside ``volume``. ``threads`` block reads run at
-    once (default 16). CPU tensors share
-    one allocation, each with a storage of its own bytes."""
-    return dict(iter_safetensors(url, device, volume=volume, meta=meta, threads=threads))
+    once (default 16). CPU tensors share one allocation, each with a storage of its own bytes.
+
+    ``mmap`` (default True): on the CPU, the blocks that lie uncompressed in local files -- a
+    ``file://`` store's objects, the local disk cache's (checksum checked) -- are memory-mapped
+    rather than copied, so those tensors are views over the page cache (copy-on-write: writing
+    to a tensor never changes the files). The mappings stay valid when the cache evicts the
+    blocks or the file is deleted. ``mmap=False`` copies everything into private memory."""
+    return dict(iter_safetensors(url, device, volume=volume, meta=meta, threads=threads,
+                                 mmap=mmap))
 
 
 # -- safe_open -----------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ store-specific behaviour: atomic file puts, S3 retries and dead endpoints, fault
 from __future__ import annotations
 
 import errno
+import http.client
 import os
 import pickle
 import random
@@ -10,6 +11,7 @@ import signal
 import threading
 import time
 import traceback
+import urllib.parse
 
 import pytest
 
@@ -384,6 +386,7 @@ def _slowdown(op: str):
 
 def test_s3_retries_throttling(s3_server, monkeypatch):
     s = S3Store(s3_server.url())
+    s.light_get = False               # the botocore path (the light one falls back to it)
     s.create()
     s.backoff_base = 0.001
     client = s._client()
@@ -435,6 +438,7 @@ def test_s3_retry_gives_up(s3_server, monkeypatch):
 def test_s3_retries_dropped_connection(s3_server):
     from botocore.exceptions import ConnectionClosedError
     s = S3Store(s3_server.url())
+    s.light_get = False               # the botocore path (the light one falls back to it)
     s.create()
     s.backoff_base = 0.001
     s.put("k", b"abc" * 1000)
@@ -453,6 +457,7 @@ def test_s3_retries_dropped_connection(s3_server):
 def test_s3_get_into_resumes_broken_body(s3_server, monkeypatch):
     import io
     s = S3Store(s3_server.url())
+    s.light_get = False               # the botocore path (the light one falls back to it)
     s.create()
     s.backoff_base = 0.001
     data = _blob(50_000, 5)
@@ -484,6 +489,146 @@ def test_s3_get_into_resumes_broken_body(s3_server, monkeypatch):
     assert s.get_into("k", memoryview(buf), 5_000) == 40_000
     assert buf == data[5_000:45_000]
     assert ranges == ["bytes=5000-44999", "bytes=15000-44999"]
+
+
+def test_s3_light_get_signature_is_botocores(monkeypatch):
+    """The light GET path signs exactly as botocore's S3SigV4Auth does (static keys, a session
+    token, keys from the environment), and quotes keys as botocore's serializer does."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+    from botocore.utils import percent_encode
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDENV")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env/secret+key")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    now = 1_700_000_000.0
+    for url, creds in (
+            ("s3://bkt?endpoint=http://127.0.0.1:9000&region=eu-west-1", ("AKIDENV", "env/secret+key", None)),
+            ("s3://bkt/pre?endpoint=https://minio.local&region=us-east-1&access_key=AK&secret_key=SK"
+             "&session_token=TOKEN", ("AK", "SK", "TOKEN")),
+            ("s3://bkt?region=ap-south-1&access_key=AK&secret_key=SK", ("AK", "SK", None))):
+        s = S3Store(url)
+        for key, rng in (("a/b/c_0_1024", "bytes=0-1023"), ("dir/a b+c%~ü=.bin", None)):
+            quoted = urllib.parse.quote(s._key(key), safe="/~")
+            assert quoted == percent_encode(s._key(key), safe="/~")
+            path = f"/bkt/{quoted}"
+            ours = s._sign(path, rng, now=now)
+            base = s.endpoint or f"https://s3.{s.region}.amazonaws.com"
+            req = AWSRequest(method="GET", url=base + path,
+                             headers={k: v for k, v in ours.items() if k != "authorization"})
+            auth = S3SigV4Auth(Credentials(*creds), "s3", s.region)
+            req.context["timestamp"] = ours["x-amz-date"]
+            canonical = auth.canonical_request(req)
+            sig = auth.signature(auth.string_to_sign(req, canonical), req)
+            assert ours["authorization"].endswith(f"Signature={sig}"), (url, key)
+            assert f"Credential={creds[0]}/" in ours["authorization"]
+        s.close()
+
+
+def test_s3_light_get_path(s3_server, monkeypatch):
+    """Reads go without botocore: no client is built; odd keys, ranges, missing keys and
+    buckets, a range past the end; any other answer is handed to the botocore path."""
+    w = S3Store(s3_server.url())
+    w.create()
+    data = _blob(300_000, 9)
+    odd = "d i r/ü+%~=.bin"
+    for k in ("k", odd):
+        w.put(k, data)
+    r = S3Store(w.url)
+    assert r.get("k") == data and r.get(odd) == data
+    assert r.get("k", 1000, 5000) == data[1000:6000]
+    assert r.get("k", 299_990) == data[299_990:]
+    assert r.get("k", 300_000) == b"" and r.get("k", 400_000, 10) == b""
+    buf = bytearray(100_000)
+    assert r.get_into(odd, memoryview(buf), 123) == 100_000 and buf == data[123:100_123]
+    assert r.get_into("k", memoryview(buf), 250_000) == 50_000 and buf[:50_000] == data[250_000:]
+    with pytest.raises(FileNotFoundError):
+        r.get("missing")
+    with pytest.raises(FileNotFoundError):
+        r.get_into("missing", memoryview(buf))
+    assert r._client_obj is None                 # botocore never needed
+    nb = S3Store(s3_server.url())                # a bucket never created
+    with pytest.raises(FileNotFoundError) as ei:
+        nb.get("k")
+    assert "no such bucket" in str(ei.value)
+    # anything but a plain answer goes to the botocore path
+    from torchjuice.object import s3 as s3mod
+
+    def refuse(*a, **kw):
+        raise s3mod._Fallback()
+    monkeypatch.setattr(r, "_light_response", refuse)
+    assert r.get("k", 10, 10) == data[10:20]
+    assert r.get_into("k", memoryview(buf), 7) == 100_000 and buf == data[7:100_007]
+    assert r._client_obj is not None
+    for x in (w, r, nb):
+        x.close()
+
+
+def test_s3_light_get_resumes_a_broken_body(s3_server, monkeypatch):
+    s = S3Store(s3_server.url())
+    s.create()
+    s.backoff_base = 0.001
+    data = _blob(50_000, 5)
+    s.put("k", data)
+    starts = []
+    real = s._light_response
+    monkeypatch.setattr(s, "_light_response",
+                        lambda key, k, first, last: starts.append((first, last)) or real(key, k, first, last))
+    real_readinto = http.client.HTTPResponse.readinto
+    calls = []
+
+    def readinto_once(self, b):          # the first body breaks off after 10,000 bytes
+        calls.append(1)
+        if len(starts) == 1 and len(calls) == 2:
+            raise ConnectionResetError("peer went away")
+        if len(starts) == 1:
+            return real_readinto(self, memoryview(b)[:10_000])
+        return real_readinto(self, b)
+    monkeypatch.setattr(http.client.HTTPResponse, "readinto", readinto_once)
+    buf = bytearray(40_000)
+    assert s.get_into("k", memoryview(buf), 5_000) == 40_000
+    assert buf == data[5_000:45_000]
+    assert starts == [(5_000, 44_999), (15_000, 44_999)]
+    s.close()
+
+
+def test_s3_light_get_reuses_connections():
+    """With a server that keeps connections open, GETs of a thread share one connection; one
+    the server closed meanwhile is replaced without an error."""
+    import http.server
+    import socketserver
+
+    conns, body = [], _blob(1000, 3)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            conns.append(self.client_address)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            if len(conns) == 3:
+                self.close_connection = True       # the server drops it after the 3rd GET
+
+        def log_message(self, *a):
+            pass
+
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        s = S3Store(f"s3://bkt?endpoint=http://127.0.0.1:{srv.server_address[1]}"
+                    "&access_key=a&secret_key=b")
+        for _ in range(5):
+            assert s.get("k") == body
+        assert len(conns) == 5 and len(set(conns)) == 2
+        s.close()
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_s3_prefix_maps_keys(s3_server):

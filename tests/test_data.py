@@ -191,6 +191,59 @@ def test_dataset_distributed_sampler_and_workers(vol):
     assert ds.__getitems__([3, 1, 2]) == [3, 1, 2]
 
 
+def test_batch_reads_inline_while_fast_on_threads_while_slow(vol, monkeypatch):
+    """__getitems__ reads local files inline (no thread hand-off), switches to threads once a read
+    is slow (remote), and back once reads are fast again; items keep their order either way."""
+    import torchjuice.data as data_mod
+    vol.makedirs("/f")
+    for i in range(40):
+        vol.write_bytes(f"/f/{i:02d}", str(i).encode())
+    ds = JuiceDataset(f"juice://{VOL}/f", transform=int)
+    batch = list(range(39, -1, -3))
+    monkeypatch.setattr(data_mod, "SLOW_READ", 60.0)           # every read is fast (a busy machine)
+    assert ds.__getitems__(batch) == batch and ds._pool is None and not ds._threaded
+    monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)           # every read is "slow" now
+    assert ds.__getitems__(batch) == batch and ds._pool is not None and ds._threaded
+    assert ds.__getitems__(batch) == batch and ds._threaded
+    monkeypatch.setattr(data_mod, "SLOW_READ", 60.0)
+    assert ds.__getitems__(batch) == batch and not ds._threaded
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._pool is None and not clone._threaded and clone.__getitems__([5, 4]) == [5, 4]
+    with pytest.raises(FileNotFoundError):
+        JuiceDataset([f"juice://{VOL}/f/01", f"juice://{VOL}/f/nope"]).__getitems__([0, 1])
+
+
+def test_prefetcher_reads_fast_files_inline_and_keeps_order(vol, monkeypatch):
+    """Whole files that keep arriving fast are read in the consumer's thread; a slow one, or a
+    shard window, goes back to the pool; order and errors are kept."""
+    import torchjuice.data as data_mod
+    from torchjuice.data import Prefetcher, _Unit, _Volumes
+    vol.makedirs("/p")
+    for i in range(100):
+        vol.write_bytes(f"/p/{i:03d}", str(i).encode())
+    vol.write_bytes("/p/big", bytes(range(256)) * 40)
+    units = [_Unit(i, f"juice://{VOL}/p/{i:03d}", 0, -1, True) for i in range(100)]
+    units[70] = _Unit(70, f"juice://{VOL}/p/missing", 0, -1, True)
+    units[80:81] = [_Unit(80, f"juice://{VOL}/p/big", 0, 4096, False),
+                    _Unit(80, f"juice://{VOL}/p/big", 4096, -1, True)]
+    monkeypatch.setattr(data_mod, "SLOW_READ", 60.0)
+    r = Prefetcher(_Volumes(), units, threads=4, max_units=8)
+    modes, out = [], []
+    for u, data in r:
+        modes.append(r._inline)
+        out.append(data)
+    r.close()
+    assert isinstance(out[70], FileNotFoundError)
+    assert bytes(out[80]) + bytes(out[81]) == bytes(range(256)) * 40
+    assert [int(d) for i, d in enumerate(out) if i not in (70, 80, 81)] == \
+        [i for i in range(100) if i not in (70, 80)]
+    assert any(modes[:60]) and not all(modes)                  # inline once fast, pool around the window
+    monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)
+    r = Prefetcher(_Volumes(), units[:60], threads=4, max_units=8)
+    assert [int(d) for _, d in r] == list(range(60)) and not r._inline
+    r.close()
+
+
 # -- iterable: order, splitting, determinism -------------------------------------------------------
 def run_rank(ds, workers: int, **kw) -> list[str]:
     loader = JuiceDataLoader(ds, batch_size=5, num_workers=workers, collate_fn=collate_keys, **kw)

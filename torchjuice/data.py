@@ -25,6 +25,7 @@ import random
 import re
 import tarfile
 import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Sequence
@@ -38,6 +39,13 @@ log = logging.getLogger(__name__)
 
 MiB = 1 << 20
 MANIFEST_FORMAT = "torchjuice-manifest"
+
+# Reads of small files switch between inline and threads by how long they take. A file served
+# locally (the disk cache, a file:// store) costs tens of microseconds, about what handing it to a
+# thread and back costs, so those are read inline; a read slower than SLOW_READ went to the network,
+# and then the rest of the batch (and the next batches, while reads stay slow) are read on threads,
+# so that their latencies overlap.
+SLOW_READ = 0.001
 
 
 # -- error handlers (the webdataset convention: return True to go on, False to stop, or raise) -----
@@ -268,6 +276,7 @@ class JuiceDataset(Dataset):
         self._vols = _Volumes(meta)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
+        self._threaded = False              # the last batch's reads were slow (remote)
         if url_or_list is None:             # from_manifest fills the index
             self.urls = UrlIndex([])
             return
@@ -305,28 +314,50 @@ class JuiceDataset(Dataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_pool"], state["_pool_pid"] = None, -1
+        state["_pool"], state["_pool_pid"], state["_threaded"] = None, -1, False
         return state
 
     def _read(self, i: int):
+        return self._timed_read(i)[0]
+
+    def _timed_read(self, i: int) -> tuple:
+        """``(item, seconds the read took)`` -- the transform is not timed."""
         url = self.urls[i]
         vol, path = self._vols.locate(url)
+        t = time.perf_counter()
         data = vol.read_bytes(path)
+        took = time.perf_counter() - t
         raw = (url, data) if self.with_url else data
-        return self.transform(raw) if self.transform is not None else raw
+        return (self.transform(raw) if self.transform is not None else raw), took
 
     def __getitem__(self, i: int):
         return self._read(int(i))
 
     def __getitems__(self, indices: Sequence[int]) -> list:
-        """A batch of items, read ``io_threads`` at a time (the DataLoader calls this)."""
+        """A batch of items (the DataLoader calls this). Read inline while reads are local and
+        fast; on ``io_threads`` threads, so that latencies overlap, once they are slow (see
+        ``SLOW_READ``)."""
         indices = [int(i) for i in indices]
         if len(indices) <= 1 or self.io_threads <= 1:
             return [self._read(i) for i in indices]
+        out: list = []
+        if not self._threaded:
+            for i in indices:
+                item, took = self._timed_read(i)
+                out.append(item)
+                if took > SLOW_READ:
+                    self._threaded = True
+                    break
+            else:
+                return out
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(self.io_threads, "tj-dataset")
             self._pool_pid = os.getpid()
-        return list(self._pool.map(self._read, indices))
+        rest = list(self._pool.map(self._timed_read, indices[len(out):]))
+        slow = sum(1 for _, took in rest if took > SLOW_READ)
+        self._threaded = slow * 2 >= len(rest)      # mostly fast again: inline next time
+        out.extend(item for item, _ in rest)
+        return out
 
     # manifests: the index saved once, loaded without listing again
     def save_manifest(self, path_or_url: str) -> None:
@@ -664,12 +695,19 @@ class _Unit(collections.namedtuple("_Unit", "shard url offset length last")):
 class Prefetcher:
     """Reads units (whole files, or windows of shards) ahead of the consumer on a small thread
     pool, ``max_bytes`` at most in flight, and hands them back in order as ``(unit, data)`` —
-    ``data`` is the exception when a read failed. Only the Volume API is used (one open per unit)."""
+    ``data`` is the exception when a read failed. Only the Volume API is used (one open per unit).
+
+    Whole files that keep arriving fast (served locally: see ``SLOW_READ``) are read inline in the
+    consumer's thread instead, where a thread hand-off would cost as much as the read; the first
+    slow one (or a shard window) switches back to reading ahead on the pool."""
+
+    FAST_RUN = 32            # this many fast whole-file reads in a row: read inline
 
     def __init__(self, vols: _Volumes, units: Iterable[_Unit], threads: int = 8,
                  max_bytes: int = 64 * MiB, max_units: int = 64):
         self._vols = vols
         self._units = iter(units)
+        self._peeked: _Unit | None = None
         self._pending: collections.deque = collections.deque()
         self._bytes = 0
         self._max_bytes = max_bytes
@@ -677,6 +715,8 @@ class Prefetcher:
         self._pool = ThreadPoolExecutor(max(1, threads), "tj-prefetch")
         self._free: list[bytearray] = []     # window buffers handed back: fresh memory is slow
         self._done = False
+        self._inline = False
+        self._fast = 0                       # fast whole-file reads in a row
         self._fill()
 
     def recycle(self, buf) -> None:
@@ -687,15 +727,27 @@ class Prefetcher:
     def _estimate(self, u: _Unit) -> int:
         return u.length if u.length > 0 else 1 * MiB
 
-    def _fill(self) -> None:
-        while not self._done and len(self._pending) < self._max_units and \
-                (not self._pending or self._bytes < self._max_bytes):
+    def _next_unit(self) -> _Unit | None:
+        u, self._peeked = self._peeked, None
+        if u is None and not self._done:
             u = next(self._units, None)
             if u is None:
                 self._done = True
+        return u
+
+    def _fill(self) -> None:
+        while not self._inline and len(self._pending) < self._max_units and \
+                (not self._pending or self._bytes < self._max_bytes):
+            u = self._next_unit()
+            if u is None:
                 break
-            self._pending.append((u, self._pool.submit(self._read, u)))
+            self._pending.append((u, self._pool.submit(self._timed_read, u)))
             self._bytes += self._estimate(u)
+
+    def _timed_read(self, u: _Unit) -> tuple:
+        t = time.perf_counter()
+        data = self._read(u)
+        return data, time.perf_counter() - t
 
     def _read(self, u: _Unit):
         vol, path = self._vols.locate(u.url)
@@ -732,11 +784,30 @@ class Prefetcher:
 
     def __next__(self):
         if not self._pending:
-            raise StopIteration
+            if not self._inline:
+                raise StopIteration
+            u = self._next_unit()
+            if u is None:
+                raise StopIteration
+            if u.offset == 0 and u.length < 0:
+                try:
+                    data, took = self._timed_read(u)
+                except BaseException as e:      # handed to the consumer, raised there
+                    return u, e
+                if took > SLOW_READ:            # remote again: read ahead on the pool
+                    self._inline, self._fast = False, 0
+                    self._fill()
+                return u, data
+            self._peeked, self._inline, self._fast = u, False, 0     # a shard window
+            self._fill()
         u, fut = self._pending.popleft()
         self._bytes -= self._estimate(u)
         try:
-            data = fut.result()
+            data, took = fut.result()
+            whole = u.offset == 0 and u.length < 0
+            self._fast = self._fast + 1 if whole and took <= SLOW_READ else 0
+            if self._fast >= self.FAST_RUN:
+                self._inline = True             # what is pending drains first
         except BaseException as e:              # handed to the consumer, raised there
             data = e
         self._fill()

@@ -13,11 +13,13 @@ READ ONLY snapshots. Serialization failures and deadlocks are retried.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import threading
 
 from .base import BaseMeta, KVTx, backoff, redact
+from .interface import TYPE_DIR, TYPE_SYMLINK
 
 _DDL_SQLITE = [
     "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID",
@@ -260,6 +262,52 @@ class SQLMeta(BaseMeta):
         self._conns = []
         self._conns_lock = threading.Lock()
         self._local = threading.local()
+
+    # -- path walks: one statement ------------------------------------------------------------------
+    # BaseMeta._walk reads one directory entry per name (a round trip each on PostgreSQL, a few
+    # microseconds of statement overhead each on SQLite). Here the whole walk is one SELECT that
+    # chains the entry lookups (each entry value is b"{typ}{ino}": the next directory's key is
+    # 'd' || its digits) and ends with the last inode's attributes; the result is read back exactly
+    # as the generic walk would produce it (a symlink costs one more read for its target).
+    _walk_sql: dict
+
+    def _walk_statement(self, depth: int) -> str:
+        cache = self.__dict__.setdefault("_walk_sql", {})
+        sql = cache.get(depth)
+        if sql is None:
+            digits = ("convert_from(substr({}.v, 2), 'UTF8')" if self._pg else "substr({}.v, 2)")
+            mark = "%s" if self._pg else "?"
+            parts = [f"SELECT {', '.join(f'e{i}.v' for i in range(depth))}, a.v FROM "
+                     f"(SELECT 1 AS one) r LEFT JOIN hkv e0 ON e0.k = {mark} AND e0.f = {mark}"]
+            for i in range(1, depth):
+                parts.append(f"LEFT JOIN hkv e{i} ON e{i}.k = 'd' || {digits.format(f'e{i - 1}')} "
+                             f"AND e{i}.f = {mark}")
+            parts.append(f"LEFT JOIN kv a ON a.k = 'i' || {digits.format(f'e{depth - 1}')}")
+            sql = cache[depth] = " ".join(parts)
+        return sql
+
+    def _walk(self, tx, start: int, names: list[str]):
+        if not names or not isinstance(tx, _SQLTx):
+            return super()._walk(tx, start, names)
+        enc = [n.encode("utf-8", "surrogateescape") for n in names]
+        row = tx._x(self._walk_statement(len(names)), [f"d{start}", *enc]).fetchone()
+        inos: list[int] = []
+        last = len(names) - 1
+        for i in range(len(names)):
+            e = row[i]
+            if e is None:
+                return errno.ENOENT, i, inos, None, None
+            e = bytes(e)
+            typ, ino = e[0] - 48, int(e[1:])
+            inos.append(ino)
+            if typ == TYPE_SYMLINK:
+                target = tx.get(f"s{ino}")
+                if i < last:
+                    return -1, i, inos, None, target
+                return 0, i, inos, None if row[-1] is None else bytes(row[-1]), target
+            if i < last and typ != TYPE_DIR:
+                return errno.ENOTDIR, i + 1, inos, None, None
+        return 0, last, inos, None if row[-1] is None else bytes(row[-1]), None
 
     # -- transactions -----------------------------------------------------------------------------
     def _retryable(self, e: BaseException) -> bool:

@@ -155,9 +155,14 @@ def test_full_disk_while_caching_still_serves_the_data(setup, monkeypatch):
     vol = client()
     import torchjuice.chunk.disk as disk
 
-    def enospc(fd, data):
+    real_pwrite = os.pwrite
+
+    def enospc(fd, data, *off):
+        if len(data) <= 64 and off:        # the usage number, rewritten in place: no new space
+            return real_pwrite(fd, data, *off)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(disk.os, "write", enospc)
+    monkeypatch.setattr(disk.os, "pwrite", enospc)
     assert vol.read_bytes("/f") == data_of(2 * MiB, 5)
     vol.chunks.drain_cache_fill()
     monkeypatch.undo()
@@ -384,3 +389,27 @@ def test_torn_usage_file_is_rebuilt_from_a_scan(tmp_path):
     assert cache.usage() == used + 10 + trailer_size(10)
     cache.close()
     other.close()
+
+
+@pytest.mark.parametrize("direct", [None, False])
+def test_big_blocks_cached_with_or_without_o_direct_read_back_verified(tmp_path, direct):
+    from torchjuice.chunk.disk import CacheMiss
+    cache = DiskCache(str(tmp_path), "vol", capacity=1 << 30)
+    cache._direct = direct                       # None: try O_DIRECT; False: as on tmpfs
+    blocks = {"a": os.urandom(4 << 20), "b": bytearray(os.urandom((3 << 20) + 123)),
+              "c": memoryview(os.urandom(5000))}
+    for key, data in blocks.items():
+        assert cache.put(key, data)
+    for key, data in blocks.items():
+        out = bytearray(len(data))
+        cache.read_into(key, len(data), 0, memoryview(out))
+        assert out == bytes(data)
+        assert os.path.getsize(cache.path(key)) == len(data) + trailer_size(len(data))
+    if direct is False:
+        assert cache._direct is False
+    with open(cache.path("b"), "r+b") as f:               # corruption is still caught
+        f.seek(2 << 20)
+        f.write(b"\xff" * 8)
+    with pytest.raises(CacheMiss):
+        cache.read_into("b", len(blocks["b"]), 0, memoryview(bytearray(len(blocks["b"]))))
+    cache.close()

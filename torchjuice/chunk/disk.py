@@ -18,9 +18,11 @@ Write-back blocks (committed before they are uploaded) are staged under ``stagin
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -37,6 +39,8 @@ log = logging.getLogger("torchjuice.cache")
 SEGMENT = 64 << 10
 _PIECE = 4 * SEGMENT              # read this much, then hash it while it is in the CPU cache
 _MAGIC = b"TJC1"
+DIRECT_MIN = 1 << 20              # blocks at least this big are written with O_DIRECT
+_ALIGN = 4096
 _FOOTER = struct.Struct("<4sI")           # magic, number of segments
 
 
@@ -107,6 +111,9 @@ class DiskCache:
         self._acct: tuple[int, int, int] | None = None    # (pid, lock fd, usage fd)
         self._fdlock = threading.Lock()
         self._fds: OrderedDict[str, list] = OrderedDict()
+        self._direct: bool | None = None if hasattr(os, "O_DIRECT") else False
+        self._scratch: list[mmap.mmap] = []           # aligned buffers for O_DIRECT writes
+        self._scratch_lock = threading.Lock()
         self.max_open = 256
         _caches.add(self)
         self.hits = self.misses = self.corrupt = self.evictions = self.skipped = 0
@@ -274,10 +281,7 @@ class DiskCache:
             return False
         try:
             try:
-                view, done = memoryview(data), 0
-                while done < len(view):
-                    done += os.write(fd, view[done:])
-                os.write(fd, trailer(data))
+                self._write_block(fd, data)
                 if staged:
                     os.fsync(fd)          # write-back data is the only copy until uploaded
             finally:
@@ -297,6 +301,64 @@ class DiskCache:
             if staged:
                 raise
             return self._skip(key, e)
+
+    # Writing a block through the page cache costs 1-3 ms of kernel CPU per 4 MiB here (fresh
+    # pages, delayed allocation), as much as downloading it. With O_DIRECT the same write costs
+    # ~0.2 ms of CPU plus one copy into an aligned buffer (without the GIL): the cache fills
+    # without slowing the reader it runs beside. The unaligned tail and the trailer are written
+    # the ordinary way. File systems without O_DIRECT (tmpfs) get ordinary writes.
+
+    def _write_block(self, fd: int, data) -> None:
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        n = len(view)
+        done = 0
+        aligned = n - n % _ALIGN
+        if aligned >= DIRECT_MIN and self._direct is not False:
+            done = self._write_direct(fd, view[:aligned])
+        while done < n:
+            done += os.pwrite(fd, view[done:], done)
+        os.pwrite(fd, trailer(view), n)
+
+    def _write_direct(self, fd: int, view: memoryview) -> int:
+        """Write ``view`` (a multiple of 4 KiB) at offset 0 with O_DIRECT; returns the bytes
+        written (0 where O_DIRECT is refused: the caller writes them the ordinary way)."""
+        n = len(view)
+        with self._scratch_lock:
+            buf = self._scratch.pop() if self._scratch else None
+        if buf is None or len(buf) < n:
+            buf = mmap.mmap(-1, max(n, 4 << 20))          # page-aligned
+        try:
+            dst = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            if view.readonly:
+                buf[:n] = view
+            else:
+                ctypes.memmove(dst, ctypes.addressof(ctypes.c_char.from_buffer(view)), n)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            except OSError:
+                self._direct = False
+                return 0
+            try:
+                src, done = memoryview(buf), 0
+                while done < n:
+                    done += os.pwrite(fd, src[done:n], done)
+                self._direct = True
+                return done
+            except OSError as e:
+                if e.errno != errno.EINVAL or self._direct:
+                    raise
+                self._direct = False                   # this file system refuses O_DIRECT
+                return 0
+            finally:
+                src = None
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        finally:
+            with self._scratch_lock:
+                if len(self._scratch) < 4:
+                    self._scratch.append(buf)
 
     def _skip(self, key: str, e: OSError) -> bool:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):

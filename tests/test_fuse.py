@@ -617,6 +617,70 @@ def test_sqlite_mmap_sparse_files_and_appends(workdir):
         assert fh.read() == b"".join(b"a%db%d" % (i, i) for i in range(5))
 
 
+def _big_io_and_write_only_descriptors(workdir):
+    import mmap
+    # large sequential I/O across a chunk boundary, 1 MiB requests, read back twice (the second
+    # time from the kernel page cache) and through pread at odd offsets
+    p = os.path.join(workdir, "big")
+    data = os.urandom(1 << 20) * 67 + b"tail"
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)    # write-only: direct I/O
+    for i in range(0, len(data), 1 << 20):
+        assert os.write(fd, data[i: i + (1 << 20)]) == len(data[i: i + (1 << 20)])
+    os.close(fd)
+    for _ in range(2):
+        with open(p, "rb") as f:
+            assert f.read() == data
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        for off in (0, 4095, (64 << 20) - 3, len(data) - 5):
+            assert os.pread(fd, 1 << 20, off) == data[off: off + (1 << 20)]
+    finally:
+        os.close(fd)
+    # a reader with cached pages and a shared mapping see what a write-only descriptor writes
+    q = os.path.join(workdir, "coherent")
+    with open(q, "wb") as f:
+        f.write(b"a" * 65536)
+    r = os.open(q, os.O_RDONLY)
+    m = mmap.mmap(r, 65536, prot=mmap.PROT_READ)
+    try:
+        assert os.pread(r, 4, 0) == b"aaaa" and m[:4] == b"aaaa"
+        w = os.open(q, os.O_WRONLY)
+        os.pwrite(w, b"XXXX" * 1024, 0)
+        os.pwrite(w, b"Y" * 10, 65536)                  # extends the file
+        assert os.pread(r, 4, 0) == b"XXXX" and m[:4] == b"XXXX"
+        assert os.fstat(r).st_size == 65546
+        os.close(w)
+        assert os.pread(r, 10, 65536) == b"Y" * 10
+    finally:
+        m.close()
+        os.close(r)
+    # the kernel asks for security.capability before each write: the cached answer follows
+    # changes of xattrs made through the mount
+    w = os.open(q, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(w, b"1")
+        os.setxattr(q, "user.k", b"v")
+        os.write(w, b"2")
+        assert os.getxattr(q, "user.k") == b"v"
+        with pytest.raises(OSError) as e:
+            os.getxattr(q, "security.capability")
+        assert e.value.errno == errno.ENODATA
+    finally:
+        os.close(w)
+    with open(q, "rb") as f:
+        assert f.read()[-12:] == b"Y" * 10 + b"12"
+
+
+def test_big_sequential_io_and_write_only_descriptors(workdir):
+    _big_io_and_write_only_descriptors(workdir)
+
+
+def test_big_sequential_io_on_s3_store(s3_mount):
+    d = s3_mount.path("bigio")
+    os.mkdir(d)
+    _big_io_and_write_only_descriptors(d)
+
+
 def test_setgid_directory_passes_its_group(workdir):
     d = os.path.join(workdir, "shared")
     os.mkdir(d)

@@ -61,6 +61,7 @@ def serve(vol, mountpoint: str, meta_url: str, *, attr_timeout: float = 1.0,
     from .ops import JuiceFuse
 
     mountpoint = os.path.abspath(mountpoint)
+    tune_malloc()
     ops = JuiceFuse(vol, mountpoint, meta_url, attr_timeout=attr_timeout,
                     entry_timeout=entry_timeout, dir_entry_timeout=dir_entry_timeout)
     opts = mount_options(vol, options)
@@ -88,6 +89,23 @@ def serve(vol, mountpoint: str, meta_url: str, *, attr_timeout: float = 1.0,
             log.exception("closing the FUSE session failed")
         ops.close_all()
         log.info("unmounted %s", mountpoint)
+
+
+def tune_malloc(keep: int = 64 << 20) -> bool:
+    """Keep freed memory for reuse instead of handing it back to the kernel at once.
+
+    Every FUSE write arrives as a fresh 1 MiB ``bytes`` (pyfuse3 copies the request into one),
+    freed when the request is done. glibc returns such memory to the kernel (``munmap``, or a
+    ``brk`` trim of the heap's top), so the next request's copy page-faults on fresh pages: that
+    cost as much CPU as the copies themselves. With a fixed mmap threshold and a trim threshold of
+    ``keep`` bytes, the same memory serves request after request. glibc only; False elsewhere."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, keep) and libc.mallopt(m_trim_threshold, keep))
+    except (OSError, AttributeError):
+        return False
 
 
 async def _signals(nursery, state) -> None:

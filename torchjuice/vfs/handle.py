@@ -115,6 +115,13 @@ class JuiceRawFile(io.RawIOBase):
         self._pos += n
         return n
 
+    def pread_into(self, off: int, b) -> int:
+        """Read at file offset ``off`` into ``b`` without using or moving the position. Several
+        threads may call it at once (the FUSE mount serves the kernel's parallel readahead
+        requests so) as long as no write is pending: the caller commits writes first."""
+        self._check_closed()
+        return self._reader.read_into(off, memoryview(b).cast("B"), self._length)
+
     def readall(self) -> bytes:
         self._check_closed()
         if self._writer is not None and self._writer.dirty:

@@ -85,7 +85,7 @@ class ChunkStore:
                  upload_threads: int = 16, download_threads: int = 16,
                  max_inflight: int = 256 << 20, cache: DiskCache | None = None,
                  buffer_size: int = 256 << 20, cache_writes: bool = True, writeback: bool = False,
-                 cache_fill_buffer: int = 256 << 20):
+                 cache_fill_buffer: int = 64 << 20):
         self.store = store
         self.prefix = f"{name}/chunks/"
         self.block_size = block_size
@@ -472,7 +472,7 @@ class ChunkStore:
             self._to_free(data)
 
     def _to_free(self, data) -> None:
-        if type(data) is bytearray and len(data) == self.block_size and len(self._free) < 16:
+        if type(data) is bytearray and len(data) == self.block_size and len(self._free) < 32:
             self._free.append(data)
 
     def _alloc(self, n: int) -> bytearray:

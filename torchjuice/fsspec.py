@@ -249,53 +249,33 @@ class JuiceFileSystem(AbstractFileSystem):
         base = inner.rstrip("/") + "/"
         return [self._entry(vol, base + n, prefix + n, a) for n, a in entries]
 
-    def exists(self, path, **kwargs) -> bool:
+    def _probe(self, path, root: bool, test) -> bool:
+        """``test(volume, inner path)``; False where the path (or its volume) does not exist;
+        ``root`` for the bare ``juice://``."""
         path = self._strip_protocol(path)
         if not path:
-            return True
+            return root
         try:
             vol, inner, _ = self._split(path)
-        except NotFormattedError:
-            return False
-        return vol.exists(inner)
-
-    def lexists(self, path, **kwargs) -> bool:
-        path = self._strip_protocol(path)
-        if not path:
-            return True
-        try:
-            vol, inner, _ = self._split(path)
-            vol.getattr(inner, follow_symlinks=False)
-            return True
+            return test(vol, inner)
         except (FileNotFoundError, NotADirectoryError, NotFormattedError):
             return False
 
+    def exists(self, path, **kwargs) -> bool:
+        return self._probe(path, True, lambda vol, p: vol.exists(p))
+
+    def lexists(self, path, **kwargs) -> bool:
+        return self._probe(path, True, lambda vol, p: bool(vol.getattr(p, follow_symlinks=False)))
+
     def isdir(self, path) -> bool:
-        path = self._strip_protocol(path)
-        if not path:
-            return True
-        try:
-            vol, inner, _ = self._split(path)
-        except NotFormattedError:
-            return False
-        return vol.isdir(inner)
+        return self._probe(path, True, lambda vol, p: vol.isdir(p))
 
     def isfile(self, path) -> bool:
-        path = self._strip_protocol(path)
-        if not path:
-            return False
-        try:
-            vol, inner, _ = self._split(path)
-        except NotFormattedError:
-            return False
-        return vol.isfile(inner)
+        return self._probe(path, False, lambda vol, p: vol.isfile(p))
 
     def islink(self, path) -> bool:
-        try:
-            vol, inner, _ = self._split(path)
-            return vol.getattr(inner, follow_symlinks=False).is_symlink
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+        return self._probe(path, False,
+                           lambda vol, p: vol.getattr(p, follow_symlinks=False).is_symlink)
 
     def size(self, path) -> int:
         return self.info(path)["size"]

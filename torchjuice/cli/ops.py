@@ -123,56 +123,52 @@ def cmd_compact(a) -> int:
     return 0
 
 
+def _command(sub, name: str, func, help: str, description: str, target: str | None = "volume",
+             quiet: bool = True):
+    """A subcommand: ``target`` its first positional argument (META_URL|NAME), ``-q`` for no
+    progress bar."""
+    p = sub.add_parser(name, help=help, description=description)
+    if target == "volume":
+        p.add_argument("volume", metavar="META_URL|NAME")
+    if quiet:
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=func)
+    return p
+
+
 def register(sub) -> None:
-    g = sub.add_parser("gc", help="find objects no file refers to (and delete them)",
-                       description="List the objects of a volume that no slice refers to "
-                                   "(leaked by crashed writers); --delete removes those older "
-                                   "than the safety window.")
-    g.add_argument("volume", metavar="META_URL|NAME")
+    g = _command(sub, "gc", cmd_gc, "find objects no file refers to (and delete them)",
+                 "List the objects of a volume that no slice refers to (leaked by crashed "
+                 "writers); --delete removes those older than the safety window.")
     g.add_argument("--delete", action="store_true", help="remove the leaked objects")
     g.add_argument("--min-age", type=_duration, default=3600.0, metavar="AGE",
                    help="safety window: keep leaked objects younger than this (default 1h; "
                         "s/m/h/d suffixes)")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    g.set_defaults(func=cmd_gc)
 
-    f = sub.add_parser("fsck", help="check files, blocks and the namespace",
-                       description="Check that every block of every file exists (and its size), "
-                                   "and that the namespace is consistent. Exit code 1 when "
-                                   "problems remain.")
-    f.add_argument("volume", metavar="META_URL|NAME")
+    f = _command(sub, "fsck", cmd_fsck, "check files, blocks and the namespace",
+                 "Check that every block of every file exists (and its size), and that the "
+                 "namespace is consistent. Exit code 1 when problems remain.")
     f.add_argument("--repair", action="store_true",
                    help="fix namespace problems, drop stale sessions, mark broken files")
     f.add_argument("--verify", action="store_true",
                    help="also read every block and check it decompresses to its size")
-    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    f.set_defaults(func=cmd_fsck)
 
-    d = sub.add_parser("dump", help="write the whole metadata as JSON",
-                       description="Write the metadata of a volume (settings, every inode, "
-                                   "entry, xattr and slice list) as JSON; `load` reads it into "
-                                   "an engine of any kind.")
-    d.add_argument("volume", metavar="META_URL|NAME")
+    d = _command(sub, "dump", cmd_dump, "write the whole metadata as JSON",
+                 "Write the metadata of a volume (settings, every inode, entry, xattr and slice "
+                 "list) as JSON; `load` reads it into an engine of any kind.")
     d.add_argument("file", metavar="FILE", help="output file ('-': stdout)")
-    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    d.set_defaults(func=cmd_dump)
 
-    ld = sub.add_parser("load", help="load a metadata dump into an empty engine",
-                        description="Load a JSON dump into an empty metadata engine (any kind) "
-                                    "and register the volume name.")
+    ld = _command(sub, "load", cmd_load, "load a metadata dump into an empty engine",
+                  "Load a JSON dump into an empty metadata engine (any kind) and register the "
+                  "volume name.", target=None)
     ld.add_argument("meta_url", metavar="META_URL")
     ld.add_argument("file", metavar="FILE", help="dump file ('-': stdin)")
-    ld.add_argument("--force", action="store_true",
-                    help="replace whatever the engine holds")
-    ld.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    ld.set_defaults(func=cmd_load)
+    ld.add_argument("--force", action="store_true", help="replace whatever the engine holds")
 
-    c = sub.add_parser("compact", help="rewrite chunks written as many slices",
-                       description="Compact the files at or under PATHs (default: all): chunks "
-                                   "of several slices become one slice per run of data.")
-    c.add_argument("volume", metavar="META_URL|NAME")
+    c = _command(sub, "compact", cmd_compact, "rewrite chunks written as many slices",
+                 "Compact the files at or under PATHs (default: all): chunks of several slices "
+                 "become one slice per run of data.", quiet=False)
     c.add_argument("paths", nargs="*", metavar="PATH")
-    c.set_defaults(func=cmd_compact)
 
 
 __all__ = ["register"]

@@ -308,16 +308,7 @@ class ChunkStore:
                 return self.cache.read_bytes(key, bsize)
             except CacheMiss:
                 pass
-        t = time.perf_counter()
-        body = self._retry(self.store.get, key)
-        m = self.metrics
-        m.get_seconds += time.perf_counter() - t
-        m.get_count += 1
-        m.get_bytes += len(body)
-        data = body if self.compressor.name == "none" else self.compressor.decompress(body, bsize)
-        m.store_read_bytes += len(data)
-        if len(data) != bsize:
-            raise CorruptBlockError(f"block {key} holds {len(data)} bytes, not {bsize}")
+        data = self._get_whole(key, bsize)
         if type(data) is not bytes:
             data = bytes(data)
         if self.cache is not None:
@@ -335,6 +326,20 @@ class ChunkStore:
         if got != len(out):
             raise CorruptBlockError(f"block {key} is shorter than its {bsize} bytes")
 
+    def _get_whole(self, key: str, bsize: int):
+        """One GET of a whole object, decompressed and checked against its size."""
+        t = time.perf_counter()
+        body = self._retry(self.store.get, key)
+        m = self.metrics
+        m.get_seconds += time.perf_counter() - t
+        m.get_count += 1
+        m.get_bytes += len(body)
+        data = body if self.compressor.name == "none" else self.compressor.decompress(body, bsize)
+        m.store_read_bytes += len(data)
+        if len(data) != bsize:
+            raise CorruptBlockError(f"block {key} holds {len(data)} bytes, not {bsize}")
+        return data
+
     def _download(self, key: str, bsize: int, cache: bool = True):
         """A whole block, decompressed, from the store; queued for the disk cache when enabled."""
         if self.compressor.name == "none":
@@ -345,16 +350,7 @@ class ChunkStore:
                 self._recycle(data)
                 raise
         else:
-            t = time.perf_counter()
-            body = self._retry(self.store.get, key)
-            m = self.metrics
-            m.get_seconds += time.perf_counter() - t
-            m.get_count += 1
-            m.get_bytes += len(body)
-            data = self.compressor.decompress(body, bsize)
-            m.store_read_bytes += len(data)
-            if len(data) != bsize:
-                raise CorruptBlockError(f"block {key} holds {len(data)} bytes, not {bsize}")
+            data = self._get_whole(key, bsize)
         if cache and self.cache is not None:
             self._cache_later(key, data)
         return data

@@ -509,6 +509,8 @@ def test_resolve_slices(m, meta_url):
     assert got == a == m.resolve("/d/f")
     assert chunks == [[s1, s2], [], [s3]] == [m.read_chunk(f.inode, i) for i in range(3)]
     assert m.resolve_slices("/link") == (a, chunks)                   # symlinks followed
+    assert m.resolve_slices("/d/./f") == m.resolve_slices("/d/../d/f") == (a, chunks)
+    assert m.resolve_slices("/.trash")[0].is_dir
     link, none = m.resolve_slices("/link", follow=False)
     assert link.is_symlink and none == []
     assert m.resolve_slices("/d") == (m.getattr(d.inode), [])         # a directory: no slices

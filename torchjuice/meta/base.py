@@ -654,14 +654,22 @@ class BaseMeta(Meta):
         # whole-file read of a small file costs one round trip of path walk (server-side on
         # Redis) and one batch of chunk lists.
         names = self._path_names(path)
+        plain = bool(names) and names[0] != TRASH_NAME and "." not in names and ".." not in names
 
         def fn(tx):
-            a = self._resolve_tx(tx, names, follow, path)
-            if a.typ != TYPE_FILE:
+            a = None
+            if plain:                   # the common case: one walk, no symlink on the way
+                code, _i, inos, raw, target = self._walk(tx, ROOT_INODE, names)
+                if code == 0 and target is None and raw is not None:
+                    a = unpack_attr(inos[-1], raw)
+            if a is None:
+                a = self._resolve_tx(tx, names, follow, path)
+            if a.typ != TYPE_FILE or a.length <= 0:
                 return a, []
+            if a.length <= CHUNK_SIZE:
+                return a, [unpack_slices(tx.lrange(_ckey(a.inode, 0)))]
             keys = self._chunk_keys(a.inode, a.length)
-            lists = tx.batch([("lrange", k) for k in keys]) if keys else []
-            return a, [unpack_slices(items) for items in lists]
+            return a, [unpack_slices(items) for items in tx.batch([("lrange", k) for k in keys])]
         return self.txn(fn, readonly=True)
 
     def _resolve_tx(self, tx, names: list[str], follow: bool, path: str) -> Attr:

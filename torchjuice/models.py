@@ -61,6 +61,7 @@ LOCAL_THREADS = THREADS
 STAGING_BUFFERS = 4
 #: the mmap path fills the page tables of mapped bytes in parallel steps of at least this much.
 POPULATE_STEP = 32 << 20
+POPULATE_FIRST = 4 << 20
 STAGING_BYTES = 64 << 20
 #: get_slice: two runs closer than this are read as one range (the gap costs less than a request),
 #: and more runs than MAX_RUNS are merged whatever the gap.
@@ -579,23 +580,28 @@ def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
             pos += k
     futures = f.submit(pool, pieces) if pieces else []
     # Populate the mapped runs in a few large parallel steps, in file order (a task per block
-    # would cost more in thread hand-offs than the kernel spends on the pages).
+    # would cost more in thread hand-offs than the kernel spends on the pages); a small first
+    # step, so that the first tensors are ready soon.
     runs: list[list[int]] = []
     for a, b in maps:
         if runs and runs[-1][1] == a:
             runs[-1][1] = b
         else:
             runs.append([a, b])
-    step = max(POPULATE_STEP, -(-sum(b - a for a, b in runs) // THREADS))
+    step = max(POPULATE_STEP, -(-sum(b - a for a, b in runs) // min(THREADS, os.cpu_count() or 1)))
     step = -(-step // _PAGE) * _PAGE
+    first = True
     for a, b in runs:
         end_page = base + -(-(b - base) // _PAGE) * _PAGE
-        for x in range(a, b, step):
-            y = min(x + step, end_page)
+        x = a
+        while x < b:
+            y = min(x + (min(step, POPULATE_FIRST) if first else step), end_page)
+            first = False
             if pool is None:
                 _populate(addr + (x - base), y - x)
             else:
                 futures.append((min(y, b), pool.submit(_populate, addr + (x - base), y - x)))
+            x = y
     futures.sort(key=lambda e: e[0])
     return _Region(buf, start, futures)
 

@@ -606,6 +606,12 @@ class BaseMeta(Meta):
             cur = ino
         return 0, last, inos, tx.get(_ikey(cur)), None
 
+    def _walk_file(self, tx, names: list[str]):
+        """``_walk`` from the root, plus (last) the raw slices of chunk 0 when the walk ends on a
+        regular file, or None when they were not read. Engines may read them in the same round
+        trip as the walk."""
+        return (*self._walk(tx, ROOT_INODE, names), None)
+
     def lookup(self, parent: int, name: str) -> Attr:
         if name == ".":
             return self._getattr_dir(parent, name)
@@ -657,17 +663,18 @@ class BaseMeta(Meta):
         plain = bool(names) and names[0] != TRASH_NAME and "." not in names and ".." not in names
 
         def fn(tx):
-            a = None
+            a = chunk0 = None
             if plain:                   # the common case: one walk, no symlink on the way
-                code, _i, inos, raw, target = self._walk(tx, ROOT_INODE, names)
+                code, _i, inos, raw, target, chunk0 = self._walk_file(tx, names)
                 if code == 0 and target is None and raw is not None:
                     a = unpack_attr(inos[-1], raw)
             if a is None:
-                a = self._resolve_tx(tx, names, follow, path)
+                a, chunk0 = self._resolve_tx(tx, names, follow, path), None
             if a.typ != TYPE_FILE or a.length <= 0:
                 return a, []
             if a.length <= CHUNK_SIZE:
-                return a, [unpack_slices(tx.lrange(_ckey(a.inode, 0)))]
+                return a, [unpack_slices(tx.lrange(_ckey(a.inode, 0)) if chunk0 is None
+                                         else chunk0)]
             keys = self._chunk_keys(a.inode, a.length)
             return a, [unpack_slices(items) for items in tx.batch([("lrange", k) for k in keys])]
         return self.txn(fn, readonly=True)

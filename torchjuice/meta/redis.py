@@ -17,6 +17,7 @@ import redis
 import redis.exceptions as rexc
 
 from .base import BaseMeta, KVTx, backoff, redact
+from .interface import ROOT_INODE, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK
 
 _WALK_LUA = """
 local cur = ARGV[1]
@@ -38,6 +39,34 @@ for i = 1, n do
 end
 return {0, n - 1, inos, redis.call('GET', 'i' .. cur), false}
 """ % {"ENOENT": errno.ENOENT, "ENOTDIR": errno.ENOTDIR}
+
+
+# _WALK_LUA, and the slices of chunk 0 when the walk ends on a regular file (a whole-file read's
+# metadata in one call: BaseMeta._walk_file)
+_WALK_FILE_LUA = """
+local cur = ARGV[1]
+local n = #ARGV - 1
+local inos = {}
+local typ = %(DIR)d
+for i = 1, n do
+  local e = redis.call('HGET', 'd' .. cur, ARGV[i + 1])
+  if not e then return {%(ENOENT)d, i - 1, inos, false, false, false} end
+  typ = string.byte(e, 1) - 48
+  local ino = string.sub(e, 2)
+  inos[i] = ino
+  if typ == %(SYMLINK)d then
+    local target = redis.call('GET', 's' .. ino)
+    if i < n then return {-1, i - 1, inos, false, target, false} end
+    return {0, i - 1, inos, redis.call('GET', 'i' .. ino), target, false}
+  end
+  if i < n and typ ~= %(DIR)d then return {%(ENOTDIR)d, i, inos, false, false, false} end
+  cur = ino
+end
+local slices = false
+if typ == %(FILE)d then slices = redis.call('LRANGE', 'c' .. cur .. '_0', 0, -1) end
+return {0, n - 1, inos, redis.call('GET', 'i' .. cur), false, slices}
+""" % {"ENOENT": errno.ENOENT, "ENOTDIR": errno.ENOTDIR, "DIR": TYPE_DIR, "FILE": TYPE_FILE,
+       "SYMLINK": TYPE_SYMLINK}
 
 
 class _Conflict(Exception):
@@ -245,6 +274,7 @@ class RedisMeta(BaseMeta):
         self._conns: list = []
         self._conns_lock = threading.Lock()
         self._walk_sha = None
+        self._walk_file_sha = None
 
     # -- connections -------------------------------------------------------------------------------
     def _conn(self):
@@ -314,3 +344,13 @@ class RedisMeta(BaseMeta):
         args = [start] + [n.encode("utf-8", "surrogateescape") for n in names]
         code, idx, inos, raw, target = tx.script(self._walk_sha, _WALK_LUA, args)
         return code, idx, [int(i) for i in inos], raw, target
+
+    def _walk_file(self, tx, names: list[str]):
+        if not isinstance(tx, _RedisTx) or not tx._ro:
+            return super()._walk_file(tx, names)
+        if self._walk_file_sha is None:
+            import hashlib
+            self._walk_file_sha = hashlib.sha1(_WALK_FILE_LUA.encode()).hexdigest()
+        args = [ROOT_INODE] + [n.encode("utf-8", "surrogateescape") for n in names]
+        code, idx, inos, raw, target, slices = tx.script(self._walk_file_sha, _WALK_FILE_LUA, args)
+        return code, idx, [int(i) for i in inos], raw, target, slices

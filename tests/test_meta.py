@@ -509,6 +509,16 @@ def test_resolve_slices(m, meta_url):
     assert got == a == m.resolve("/d/f")
     assert chunks == [[s1, s2], [], [s3]] == [m.read_chunk(f.inode, i) for i in range(3)]
     assert m.resolve_slices("/link") == (a, chunks)                   # symlinks followed
+    # small files (one chunk): the engines' one-call paths
+    small = m.create(d.inode, "small1")
+    assert m.resolve_slices("/d/small1") == (m.getattr(small.inode), [])
+    parts = [_slice(m, 100), _slice(m, 10, pos=50), _slice(m, 5, pos=200)]
+    for p in parts:
+        got = m.write_chunk(small.inode, 0, p)
+    assert m.resolve_slices("/d/small1") == (got, [parts])
+    assert m.resolve_slices("/d/small1") == (m.resolve("/d/small1"), [m.read_chunk(small.inode, 0)])
+    m.symlink(d.inode, "tosmall", "small1")
+    assert m.resolve_slices("/d/tosmall") == (got, [parts])
     if meta_url.startswith("redis://"):           # the walk and chunk 0 come in one script call
         from torchjuice.meta import redis as rmod
         sent = []

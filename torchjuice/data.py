@@ -680,12 +680,12 @@ def _shard_error(exn: Exception, url: str, count: int) -> Exception:
 
 
 def _whole_file_sample(url: str, data: bytes) -> dict:
-    path = split_url(url)[1]
-    kf = _split_name(path.rsplit("/", 1)[-1])
-    d = posixpath.dirname(path)
+    path = "/" + url[len("juice://"):].partition("/")[2]      # the URL was checked when listed
+    d, _, base = path.rpartition("/")
+    kf = _split_name(base)
     if kf is None:
         return {"__key__": path, "__url__": url, "data": data}
-    return {"__key__": posixpath.join(d, kf[0]), "__url__": url, kf[1]: data}
+    return {"__key__": f"{d}/{kf[0]}", "__url__": url, kf[1]: data}
 
 
 class _Unit(collections.namedtuple("_Unit", "shard url offset length last")):

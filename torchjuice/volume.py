@@ -375,23 +375,23 @@ class Volume:
         under the read (the file was rewritten, compacted or removed meanwhile) makes it look
         again, once: the result is a version the file had, or ``FileNotFoundError``."""
         p = self.norm(path)
-        seen = None
-        for attempt in range(3):
+        seen = missing = None
+        for _attempt in range(3):
             try:
                 attr, chunks = self.meta.resolve_slices(p)
             except OSError as e:
                 if e.filename is None:
                     raise _named(e, path) from None
                 raise type(e)(e.errno, e.strerror, path) from None
+            if missing is not None and seen == (attr, chunks):
+                raise missing           # nothing changed: the block is really missing
             if attr.is_dir:
                 raise oserror(errno.EISDIR, path)
             try:
                 return self._read_whole(attr, chunks)
-            except FileNotFoundError:
-                if seen == (attr, chunks) or attempt == 2:
-                    raise               # nothing changed: the block is really missing
-                seen = (attr, chunks)
-        raise AssertionError("unreachable")
+            except FileNotFoundError as e:
+                seen, missing = (attr, chunks), e
+        raise missing
 
     def _read_whole(self, attr: Attr, chunks: list) -> bytes:
         n = attr.length

@@ -59,9 +59,6 @@ THREADS = 16
 LOCAL_THREADS = THREADS
 #: CUDA: pinned staging buffers in the ring, and the bytes each holds.
 STAGING_BUFFERS = 4
-#: the mmap path fills the page tables of mapped bytes in parallel steps of at least this much.
-POPULATE_STEP = 32 << 20
-POPULATE_FIRST = 4 << 20
 STAGING_BYTES = 64 << 20
 #: get_slice: two runs closer than this are read as one range (the gap costs less than a request),
 #: and more runs than MAX_RUNS are merged whatever the gap.
@@ -490,7 +487,7 @@ def _region(f: _File, start: int, end: int, pool: ThreadPoolExecutor | None,
 _MMAP_OK = sys.platform.startswith("linux") and sys.byteorder == "little"
 _PAGE = mmap.PAGESIZE
 _MAP_FIXED = 0x10
-_MADV_POPULATE_READ = 22                 # Linux 5.14+: fill the page tables without faulting
+_HUGE = 2 << 20                          # a PMD: the largest page a file mapping gets (x86-64, arm64 4K)
 _libc = None
 
 
@@ -501,8 +498,6 @@ def _c():
         lib.mmap.restype = ctypes.c_void_p
         lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                              ctypes.c_int, ctypes.c_long]
-        lib.madvise.restype = ctypes.c_int
-        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         _libc = lib
     return _libc
 
@@ -530,12 +525,6 @@ def _map_file(addr: int, length: int, path: str, local_off: int, need: int) -> b
     return False
 
 
-def _populate(addr: int, length: int) -> None:
-    """Fill the page tables of a mapped run now, in the kernel (no fault per page later; the
-    pages stay the page cache's until written). Best effort."""
-    _c().madvise(addr, length, _MADV_POPULATE_READ)
-
-
 def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
     """File bytes ``[start, end)`` as a uint8 tensor whose locally held pages are mappings of the
     local files; None when no byte is local (the caller reads everything)."""
@@ -546,14 +535,19 @@ def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
         raise OSError(errno.EIO, f"{f.label}: file ended before byte {end}, inside a range its "
                                  "header promised", f.label)
     base = start - start % _PAGE                  # file offset at the mapping's first byte
-    holder = mmap.mmap(-1, end - base, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # Place the file offsets where the local files' huge-page-sized folios can be mapped whole
+    # (one fault per 2 MiB, as the kernel places an ordinary file mapping): the block starts,
+    # file offset minus local offset, on multiples of 2 MiB.
+    holder = mmap.mmap(-1, end - base + _HUGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(holder, dtype=torch.uint8)      # keeps `holder` (and so the maps)
-    addr = whole.data_ptr()
-    buf = whole[start - base:]
-    view = _byte_view(buf)
     del holder
+    blk = next((foff - loff for foff, _, path, loff in local
+                if path is not None and (foff - loff) % _PAGE == 0), base)
+    lead = -(whole.data_ptr() - base + blk) % _HUGE
+    addr = whole.data_ptr() + lead                # file offset `base` is here
+    buf = whole[lead + start - base:lead + end - base]
+    view = _byte_view(buf)
     reads: list[tuple[int, int]] = []             # file ranges to read
-    maps: list[tuple[int, int]] = []              # file ranges mapped
     for foff, n, path, loff in local:
         a, b = foff, foff + n
         if path is not None and (foff - loff) % _PAGE == 0:
@@ -565,7 +559,6 @@ def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
                 if _map_file(addr + (ma - base), length, path, loff + (ma - a), loff + (mb - a)):
                     if ma > a:
                         reads.append((a, ma))
-                    maps.append((ma, mb))
                     if b > mb:
                         reads.append((mb, b))
                     continue
@@ -578,32 +571,9 @@ def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
             k = min(b - pos, bs - pos % bs)
             pieces.append((pos, view, pos - start, k))
             pos += k
-    futures = f.submit(pool, pieces) if pieces else []
-    # Populate the mapped runs in a few large parallel steps, in file order (a task per block
-    # would cost more in thread hand-offs than the kernel spends on the pages); a small first
-    # step, so that the first tensors are ready soon.
-    runs: list[list[int]] = []
-    for a, b in maps:
-        if runs and runs[-1][1] == a:
-            runs[-1][1] = b
-        else:
-            runs.append([a, b])
-    step = max(POPULATE_STEP, -(-sum(b - a for a, b in runs) // min(THREADS, os.cpu_count() or 1)))
-    step = -(-step // _PAGE) * _PAGE
-    first = True
-    for a, b in runs:
-        end_page = base + -(-(b - base) // _PAGE) * _PAGE
-        x = a
-        while x < b:
-            y = min(x + (min(step, POPULATE_FIRST) if first else step), end_page)
-            first = False
-            if pool is None:
-                _populate(addr + (x - base), y - x)
-            else:
-                futures.append((min(y, b), pool.submit(_populate, addr + (x - base), y - x)))
-            x = y
-    futures.sort(key=lambda e: e[0])
-    return _Region(buf, start, futures)
+    # The mapped pages are not touched here: the first access to each maps it from the page cache,
+    # 2 MiB at a time -- as for safetensors' own mmap -- so the load returns at once.
+    return _Region(buf, start, f.submit(pool, pieces) if pieces else [])
 
 
 # -- device copies ------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ norms), an int8 lm_head with f32 scales, an i64 buffer -- sized to --size.
 
 Warm (everything in the page cache): a local file read by ``safetensors.torch.load_file``, by a raw
 multi-threaded ``os.preadv`` into a buffer allocated before the clock starts, and by runai's
-streamer; the same bytes on a volume with a ``file://`` store read by ``tj.load_safetensors``; and
-on an S3 volume whose local disk cache was warmed (``Volume.warmup``).
+streamer; the same bytes on a volume with a ``file://`` store read by ``tj.load_safetensors`` (its
+blocks memory-mapped in place, and, for comparison, copied with ``mmap=False``); and on an S3
+volume whose local disk cache was warmed (``Volume.warmup``; cached blocks are checksummed, then
+mapped).
 
 Cold (the S3 server -- moto, its own process, loopback): ``tj.load_safetensors`` from an S3 volume
 with no disk cache, beside raw parallel GETs of the same blocks (``get_into`` in a
@@ -19,7 +21,8 @@ ThreadPoolExecutor) and runai's ``SafetensorsStreamer`` reading the same file as
 Every run is a fresh subprocess (so its peak RSS, VmHWM, is that method's), timed from just before
 the load call to the end of "materialised": every tensor fully read into the process (one byte of
 every 4 KiB page touched -- for safetensors' mmap tensors this is what faults the file in). The
-clock includes connecting to the volume and creating S3 clients. Each run then checks its bytes
+clock includes connecting to the volume and creating S3 clients (not imports: every method's
+modules are imported before it starts, the metadata engine's too). Each run then checks its bytes
 against checksums taken when the model was written. Time to first tensor: from the start to the
 first tensor materialised. Figures: the median of --repeat runs, methods interleaved.
 """
@@ -148,6 +151,10 @@ def child(args: dict) -> dict:
         buf = torch.empty(sum(n for _, n in keys), dtype=torch.uint8)
     elif method.startswith("tj"):
         import torchjuice as tj
+        # modules connect imports lazily (the engine, the store, compaction): not load time
+        import torchjuice.meta.sql  # noqa: F401
+        import torchjuice.object.file  # noqa: F401
+        import torchjuice.ops.compact  # noqa: F401
         from torchjuice.models import iter_safetensors
     elif method.startswith("st"):
         from safetensors import safe_open
@@ -186,7 +193,8 @@ def child(args: dict) -> dict:
             tensors = {k: v.clone() for k, v in tensors.items()}
     elif method.startswith("tj"):
         tensors = {}
-        for name, t in iter_safetensors(args["url"], threads=threads):
+        for name, t in iter_safetensors(args["url"], threads=threads,
+                                        mmap=args.get("mmap", True)):
             if not tensors:
                 touch(t)
                 out["ttft"] = time.perf_counter() - t0
@@ -281,6 +289,8 @@ def main() -> None:
             "preadv": ({"method": "preadv", "path": local}, {}),
             "preadv_touched": ({"method": "preadv_touched", "path": local}, {}),
             "tj_warm": ({"method": "tj", "url": "juice://warm/model.safetensors", "volume": "warm"}, {}),
+            "tj_warm_copy": ({"method": "tj", "url": "juice://warm/model.safetensors", "volume": "warm",
+                              "mmap": False}, {}),
         }
         if not a.no_runai:
             runs["runai_warm"] = ({"method": "runai", "url": local}, {})
@@ -357,20 +367,22 @@ def main() -> None:
         "preadv": f"raw os.preadv, {a.threads or LOCAL_THREADS} threads, buffer allocated before the clock",
         "preadv_touched": "raw os.preadv into a pre-faulted buffer (memcpy ceiling)",
         "runai_warm": "runai-model-streamer, local file",
-        "tj_warm": "tj.load_safetensors, file:// volume",
-        "tj_s3_disk_cache": "tj.load_safetensors, S3 volume, warm disk cache",
+        "tj_warm": "tj.load_safetensors, file:// volume (blocks mapped)",
+        "tj_warm_copy": "tj.load_safetensors(mmap=False), file:// volume (copied)",
+        "tj_s3_disk_cache": "tj.load_safetensors, S3 volume, warm disk cache (mapped, verified)",
         "raw_s3": f"raw parallel GETs of the same blocks, {a.threads or THREADS} threads",
         "tj_s3": "tj.load_safetensors, S3 volume, no disk cache",
         "runai_s3": "runai-model-streamer, s3:// (one object)",
     }
     ratios = {"tj_warm": [("st_mmap", 1.0), ("st_clone", None), ("preadv", 0.95),
                           ("runai_warm", None)],
+              "tj_warm_copy": [("st_clone", None), ("preadv", None)],
               "tj_s3_disk_cache": [("st_mmap", None), ("preadv", None)],
               "tj_s3": [("raw_s3", 0.9), ("runai_s3", 1.0)]}
     rss0 = med("noop", "maxrss_mib") or 0
     rows, out_rows = [], []
     for scen, keys in (("warm", ["st_mmap", "st_clone", "preadv", "preadv_touched", "runai_warm",
-                                 "tj_warm", "tj_s3_disk_cache"]),
+                                 "tj_warm", "tj_warm_copy", "tj_s3_disk_cache"]),
                        ("cold", ["raw_s3", "runai_s3", "tj_s3"])):
         for key in keys:
             if key in errors:

@@ -122,6 +122,29 @@ def touch(t) -> None:
         u[::PAGE].sum()
 
 
+def mapped_share(tensors: dict) -> float:
+    """The share of the tensors' bytes that lie in file mappings (the mmap path), not in private
+    memory: from /proc/self/maps, by each tensor's middle byte."""
+    import bisect
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) > 5 and parts[5].startswith("/") and parts[4] != "0":
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                spans.append((lo, hi))
+    spans.sort()
+    total = mapped = 0
+    for t in tensors.values():
+        n = t.numel() * t.element_size()
+        p = t.data_ptr() + n // 2
+        i = bisect.bisect_right(spans, (p, float("inf"))) - 1
+        total += n
+        if n and i >= 0 and spans[i][0] <= p < spans[i][1]:
+            mapped += n
+    return mapped / total if total else 0.0
+
+
 def parallel(n_items: int, fn, threads: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(threads) as pool:
@@ -218,6 +241,7 @@ def child(args: dict) -> dict:
     elif buf is not None:
         out["total_sum"] = byte_sum(buf)
     if method.startswith("tj"):
+        out["mapped_share"] = mapped_share(tensors)
         out["metrics"] = {k: v for k, v in tj.volume_for(args["volume"]).metrics().items()
                           if k in ("get_count", "get_bytes", "cache_hits", "cache_hit_bytes")}
     return out
@@ -350,8 +374,9 @@ def main() -> None:
                 if "total_sum" in res and res.pop("total_sum") != total:
                     raise SystemExit(f"{key}: the bytes read differ from the file's")
                 results.setdefault(key, []).append(res)
+                mapped = f", {res['mapped_share']:.0%} mapped" if "mapped_share" in res else ""
                 print(f"[{r + 1}/{a.repeat}] {key}: {res['seconds']:.3f}s "
-                      f"rss {res['maxrss_mib']:.0f} MiB", flush=True)
+                      f"rss {res['maxrss_mib']:.0f} MiB{mapped}", flush=True)
     finally:
         if s3 is not None:
             s3.stop()

@@ -17,8 +17,9 @@ by a ``torchjuice mount -d`` process (as users run it). Stores: ``file`` (a loca
 
   - ``read`` on ``file``: the store's block files were evicted from the host page cache first
     (``fdatasync`` + ``POSIX_FADV_DONTNEED``): data on the store's disk, as a data set larger than
-    memory is. On ``s3``: blocks from the disk cache the writer filled; on ``s3-nocache``: from
-    the S3 server.
+    memory is. On ``s3``: blocks from the disk cache the writer filled (the run waits, untimed,
+    until both writers' background cache fillers are done: a filler lagging behind a fast writer
+    would send one side to the server); on ``s3-nocache``: from the S3 server.
   - ``read (hot)`` (``file`` only): the same read again with the block files in the host page
     cache, the mount's own page cache of the file dropped first (``POSIX_FADV_DONTNEED`` on the
     mounted file). The API is then one memory copy; the mount adds the kernel's copies and a
@@ -120,6 +121,23 @@ def evict_dir(root: str) -> None:
                 os.close(fd)
 
 
+def settle_cache(vol, root: str, timeout: float = 60.0) -> None:
+    """Wait until the disk cache under ``root`` stops growing: both writers' background cache
+    fillers are done (they run at the lowest CPU priority and may lag behind a fast writer), so
+    that each side's read finds the other's blocks cached, as the ``s3`` rows say."""
+    vol.chunks.drain_cache_fill()
+
+    def used() -> int:
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+    last, deadline = -1, time.time() + timeout
+    while time.time() < deadline:
+        now = used()
+        if now == last:
+            return
+        last = now
+        time.sleep(0.5)
+
+
 def drop_mount_cache(path: str) -> None:
     """Drop the kernel page cache of one file of the mount."""
     fd = os.open(path, os.O_RDONLY)
@@ -161,6 +179,8 @@ def run_store(kind: str, store: str, size: int, rounds: int, tmp: str) -> dict[s
             mnt_api = os.path.join(mp, api_p.lstrip("/"))       # the API's file, via the mount
             put("api write", api_write(vol, api_p, size, buf))
             put("mount write", fuse_write(os.path.join(mp, fuse_p), size, buf))
+            if kind == "s3":
+                settle_cache(vol, os.path.join(env["TORCHJUICE_HOME"], "cache"))
             reads = [("read", bucket is not None)] + ([("read (hot)", False)] if bucket else [])
             for row, evict in reads:
                 if evict:

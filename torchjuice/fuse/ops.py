@@ -16,10 +16,16 @@ length, mtime and ctime did not change since this mount last opened it.
 Calls that may wait on the network (metadata round trips to Redis/PostgreSQL, reads and deletes
 on a remote store, flushes waiting for uploads) run in worker threads (``trio.to_thread``), so one
 slow request does not stall the others; quick local ones (SQLite calls, writes into the slice
-buffer, reads from a local store) run on the event loop, where a thread hop would cost more than
-the call. Errors are ``OSError`` with the errno a local file system
-gives, passed to the kernel as ``FUSEError``; anything unexpected is logged and becomes ``EIO``
-(pyfuse3 would otherwise stop the whole mount).
+buffer, reads from a local store or from blocks in the local disk cache) run on the event loop,
+where a thread hop would cost more than the call. Errors are ``OSError`` with the errno a local
+file system gives, passed to the kernel as ``FUSEError``; anything unexpected is logged and
+becomes ``EIO`` (pyfuse3 would otherwise stop the whole mount).
+
+Large sequential I/O (docs/fuse.md, "Performance"): write-only opens use direct I/O (one copy
+less per write); read replies come from reused buffers filled by positional reads; the kernel's
+``security.capability`` lookup before every write is answered from the open file; the mount
+process keeps freed memory (``mount.tune_malloc``), since every write arrives as a fresh 1 MiB
+``bytes``.
 """
 from __future__ import annotations
 
@@ -448,8 +454,9 @@ class JuiceFuse(pyfuse3.Operations):
             buf = bytearray(size)
         try:
             view = memoryview(buf)[:size]
-            if self.inline_reads:
-                # a local store (or its page cache): a copy, cheaper than a hop to a thread
+            if self.inline_reads or (not of.order.locked() and self._cached(of, off, size)):
+                # a local store, or blocks in the local disk cache: a copy from the host's page
+                # cache or disk, cheaper than the hop to a thread and back
                 n = self._pread(of, off, view)
             else:
                 # may wait for the network: in a worker thread. One at a time per file, in the
@@ -461,6 +468,15 @@ class JuiceFuse(pyfuse3.Operations):
         finally:
             if len(self._bufs) < 16:
                 self._bufs.append(buf)
+
+    def _cached(self, of: OpenFile, off: int, size: int) -> bool:
+        """Whether every block of this read is in the local disk cache (no engine call: False
+        while the chunk's slice list is not loaded yet)."""
+        cache = self.chunks.cache
+        if cache is None:
+            return False
+        blocks = of.raw.blocks(off, size)
+        return blocks is not None and all(cache.contains(key) for key, _ in blocks)
 
     @staticmethod
     def _pread(of: OpenFile, off: int, view: memoryview) -> int:

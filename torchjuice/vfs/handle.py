@@ -122,6 +122,10 @@ class JuiceRawFile(io.RawIOBase):
         self._check_closed()
         return self._reader.read_into(off, memoryview(b).cast("B"), self._length)
 
+    def blocks(self, off: int, n: int) -> list[tuple[str, int]] | None:
+        """The blocks a read of ``n`` bytes at ``off`` would touch (see ``FileReader.blocks``)."""
+        return self._reader.blocks(off, max(0, min(n, self._length - off)))
+
     def readall(self) -> bytes:
         self._check_closed()
         if self._writer is not None and self._writer.dirty:

@@ -105,6 +105,24 @@ class FileReader:
                 yield base + pos, cend - pos, 0, 0, 0
             off = base + cend
 
+    def blocks(self, off: int, n: int) -> list[tuple[str, int]] | None:
+        """``(key, bsize)`` of the blocks behind ``[off, off+n)`` (holes have none), or None when
+        a chunk's slice list is not loaded yet: this never calls the metadata engine (the FUSE
+        mount asks, on its event loop, whether a read will be served by the local disk cache)."""
+        if n <= 0:
+            return []
+        last = (off + n - 1) // CHUNK_SIZE
+        if any(i not in self._views for i in range(off // CHUNK_SIZE, last + 1)):
+            return None
+        bs = self.chunks.block_size
+        out = []
+        for _foff, k, sid, size, soff in self._pieces(off, n):
+            if sid:
+                for i in range(soff // bs, (soff + k - 1) // bs + 1):
+                    bsize = min(bs, size - i * bs)
+                    out.append((self.chunks.key(sid, i, bsize), bsize))
+        return out
+
     def read_into(self, off: int, out: memoryview, length: int) -> int:
         """Fill ``out`` from file offset ``off``; stops at ``length`` (the file size). Returns the
         number of bytes read."""

@@ -674,6 +674,27 @@ def test_mmap_file_with_overwrites_and_holes(vol):
     assert any(p is None for _, _, p, _ in pieces) and any(p for _, _, p, _ in pieces)
 
 
+def test_local_blocks_contract(vol):
+    """Pieces cover the range in order, clipped to the file; a replaced file is ESTALE."""
+    import errno
+    raw = st.save(big_model(37))
+    put(vol, "/m.safetensors", raw)
+    ino = vol.getattr("/m.safetensors").inode
+    pieces = vol.local_blocks("/m.safetensors", 100, len(raw), inode=ino)
+    assert pieces[0][0] == 100 and sum(n for _, n, _, _ in pieces) == len(raw) - 100
+    assert all(a + n == b for (a, n, _, _), (b, _, _, _) in zip(pieces, pieces[1:]))
+    for foff, n, path, loff in pieces:
+        with open(path, "rb") as f:
+            f.seek(loff)
+            assert f.read(n) == raw[foff:foff + n]
+    assert vol.local_blocks("/m.safetensors", len(raw), 10) == []
+    put(vol, "/m2.safetensors", raw)
+    vol.rename("/m2.safetensors", "/m.safetensors")          # replaced: a new inode
+    with pytest.raises(OSError) as e:
+        vol.local_blocks("/m.safetensors", 0, 10, inode=ino)
+    assert e.value.errno == errno.ESTALE
+
+
 @needs_linux
 def test_mmap_compressed_blocks_are_copied(tmp_path):
     tj.format(f"sqlite3://{tmp_path}/meta.db", "c", storage=f"file://{tmp_path}/data",

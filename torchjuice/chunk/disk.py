@@ -262,10 +262,11 @@ class DiskCache:
         raise CacheMiss(path)
 
     # -- writes ------------------------------------------------------------------------------------
-    def put(self, key: str, data, staged: bool = False) -> bool:
+    def put(self, key: str, data, staged: bool = False, direct: bool = True) -> bool:
         """Store a whole block (atomically). Returns False when it was not cached: no room under
         the cap or the free-space floor, or the disk is full. Never raises for a full disk (a
-        staged write-back block does raise: it is the only copy)."""
+        staged write-back block does raise: it is the only copy). ``direct=False``: through the
+        page cache even when big (warmup: the block is read soon, from memory)."""
         total = len(data) + trailer_size(len(data))
         final = self.staged_path(key) if staged else self.path(key)
         tmp = f"{final}.{_uuid.uuid4().hex[:8]}.{total}.tmp"   # reserved size in the name
@@ -281,7 +282,7 @@ class DiskCache:
             return False
         try:
             try:
-                self._write_block(fd, data)
+                self._write_block(fd, data, direct)
                 if staged:
                     os.fsync(fd)          # write-back data is the only copy until uploaded
             finally:
@@ -308,14 +309,14 @@ class DiskCache:
     # without slowing the reader it runs beside. The unaligned tail and the trailer are written
     # the ordinary way. File systems without O_DIRECT (tmpfs) get ordinary writes.
 
-    def _write_block(self, fd: int, data) -> None:
+    def _write_block(self, fd: int, data, direct: bool = True) -> None:
         view = memoryview(data)
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
         n = len(view)
         done = 0
         aligned = n - n % _ALIGN
-        if aligned >= DIRECT_MIN and self._direct is not False:
+        if direct and aligned >= DIRECT_MIN and self._direct is not False:
             done = self._write_direct(fd, view[:aligned])
         while done < n:
             done += os.pwrite(fd, view[done:], done)

@@ -561,7 +561,7 @@ class ChunkStore:
             if not self.cache.contains(key):
                 data = self._pinned(key, bsize, cache=False)
                 try:
-                    self.cache.put(key, data)                   # now, not queued
+                    self.cache.put(key, data, direct=False)     # now, and into the page cache
                 finally:
                     self._unpin(key, data, consumed=True)
                 got = bsize

@@ -198,6 +198,7 @@ def child(args: dict) -> dict:
     elif method == "raw_s3":
         from torchjuice.models import _byte_view
         store = create_store(args["store"])
+        store.light_get = False        # raw boto3 GETs (S3Store's own light GET path is not the baseline)
         view = _byte_view(buf)
         offs = [0]
         for _, n in keys:

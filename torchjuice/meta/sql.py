@@ -29,6 +29,7 @@ _DDL_SQLITE = [
     "CREATE INDEX IF NOT EXISTS lkv_k ON lkv (k, id)",
     "CREATE TABLE IF NOT EXISTS counters (k TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID",
 ]
+_SCHEMA_SQLITE = {"kv", "hkv", "lkv", "lkv_k", "counters"}
 _DDL_PG = [
     "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BYTEA NOT NULL)",
     "CREATE TABLE IF NOT EXISTS hkv (k TEXT NOT NULL, f BYTEA NOT NULL, v BYTEA NOT NULL, "
@@ -225,14 +226,18 @@ class SQLMeta(BaseMeta):
             c.execute("PRAGMA journal_mode = WAL")
         c.execute("PRAGMA synchronous = NORMAL")
         if not self._schema_ready:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                for ddl in _DDL_SQLITE:
-                    c.execute(ddl)
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+            # a read first: the many connections of DataLoader workers (one per thread) then
+            # never queue for the write lock just to find the tables there
+            have = {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
+            if not _SCHEMA_SQLITE <= have:
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    for ddl in _DDL_SQLITE:
+                        c.execute(ddl)
+                    c.execute("COMMIT")
+                except BaseException:
+                    c.execute("ROLLBACK")
+                    raise
             self._schema_ready = True
         return c
 

@@ -11,6 +11,7 @@ by a ``torchjuice mount -d`` process (as users run it). Stores: ``file`` (a loca
 
 - API write: ``vol.open(p, "wb", buffering=0)``, 1 MiB ``write`` calls from one buffer, ``close``;
 - mount write: ``os.open``/``os.write`` of 1 MiB (what ``dd bs=1M`` does), ``close`` (commits);
+  both sides write from one page-aligned buffer, as ``dd`` does, and read into another;
 - reads, each side reading the file the *other* side wrote (so the run checks close-to-open too:
   sizes and a sample of blocks are compared), with ``readinto`` / ``os.readv`` into one 1 MiB
   buffer. Where the bytes come from is named in the row, and is the same for both sides:
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import mmap
 import os
 import statistics
 import subprocess
@@ -96,6 +98,14 @@ def fuse_read(path: str, view: memoryview) -> tuple[float, int]:
         finally:
             os.close(fd)
     return out["t"], n
+
+
+def aligned(n: int) -> memoryview:
+    """A page-aligned buffer, as ``dd`` uses. It matters for the mount's write-only descriptors
+    (direct I/O): the kernel sends the pages of the caller's buffer as they are, and a 1 MiB buffer
+    that starts mid-page spans 257 pages, one more than a request holds, so every ``write(2)``
+    would become two requests (a Python ``bytes`` object is such a buffer)."""
+    return memoryview(mmap.mmap(-1, n))
 
 
 def sample(read_at, size: int) -> str:
@@ -166,8 +176,9 @@ def run_store(kind: str, store: str, size: int, rounds: int, tmp: str) -> dict[s
         pid = json.load(f)["pid"]
     vol = tj.connect(meta, cache_size=0 if nocache else None)
     bucket = store[len("file://"):] if store.startswith("file://") else None
-    buf = os.urandom(IO)
-    view = memoryview(bytearray(IO))
+    buf = aligned(IO)                    # page-aligned, as dd's buffers are (see aligned())
+    buf[:] = os.urandom(IO)
+    view = aligned(IO)
     times: dict[str, list[float]] = {}
 
     def put(row: str, t: float) -> None:

@@ -662,7 +662,7 @@ class Volume:
         return list(dict.fromkeys(out))
 
     def local_blocks(self, path: str, offset: int, length: int, *,
-                     inode: int | None = None) -> list[tuple[int, int, str | None, int]]:
+                     inode: int | None = None, verify: bool = True) -> list[tuple]:
         """Where bytes ``[offset, offset+length)`` of a file lie in local files: pieces
         ``(file_offset, length, local_path, local_offset)`` in file order, covering the range
         (clipped to the file's size). ``local_path`` holds the piece's bytes uncompressed, at
@@ -673,7 +673,15 @@ class Volume:
         For memory-mapping a file's bytes (``torchjuice.models``): these files are never rewritten
         in place (eviction, compaction and deletion unlink them, replacements are renamed over
         them), so a mapping stays valid after any of that. ``inode``: the file must still be this
-        inode (else ``OSError(ESTALE)``: it was replaced)."""
+        inode (else ``OSError(ESTALE)``: it was replaced).
+
+        ``verify=False``: the disk cache's files are not checked here; each piece gets a fifth
+        element, ``check``: None where nothing needs checking (a store's own object, a piece not
+        local), else an object whose ``check(view, local_offset)`` verifies the bytes the caller
+        holds of that file -- hashed in place, e.g. through the caller's mapping of it, so nothing
+        is read twice -- and returns False (the file dropped as corrupt: read the piece as usual,
+        which fetches it again) when they are not the block's. Until it said True, they are not
+        to be used."""
         from .vfs.reader import merge_slices
         a = self._attr(path)
         if a.is_dir:
@@ -685,7 +693,7 @@ class Volume:
         if end <= offset:
             return []
         if not self.chunks.has_local_blocks():
-            return [(offset, end - offset, None, 0)]
+            return [(offset, end - offset, None, 0) + (() if verify else (None,))]
         bs = self.chunks.block_size
         raw: list[tuple[int, int, int, int, int, int]] = []    # (foff, n, sid, index, bsize, boff)
         for index in range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
@@ -717,9 +725,15 @@ class Volume:
                 raw.append((base + pos, hi - pos, 0, 0, 0, 0))
         keys = list(dict.fromkeys((self.chunks.key(sid, bi, bsize), bsize)
                                   for _, _, sid, bi, bsize, _ in raw if sid))
-        where = dict(zip((k for k, _ in keys), self.chunks.local_blocks(keys)))
-        return [(foff, n, where[self.chunks.key(sid, bi, bsize)] if sid else None, boff)
-                for foff, n, sid, bi, bsize, boff in raw]
+        where = dict(zip((k for k, _ in keys), self.chunks.local_blocks(keys, verify=verify)))
+        if verify:
+            return [(foff, n, where[self.chunks.key(sid, bi, bsize)] if sid else None, boff)
+                    for foff, n, sid, bi, bsize, boff in raw]
+        out = []
+        for foff, n, sid, bi, bsize, boff in raw:
+            got = where[self.chunks.key(sid, bi, bsize)] if sid else None
+            out.append((foff, n, got[0], boff, got[1]) if got else (foff, n, None, boff, None))
+        return out
 
     def info(self, path: str) -> dict:
         """Inode, size, and the chunks, slices and objects behind a file (``torchjuice info``)."""

@@ -587,4 +587,103 @@ class DiskCache:
         return path
 
 
+    def unverified(self, key: str, bsize: int) -> "BlockCheck | None":
+        """The cache file holding block ``key``, NOT yet verified: a :class:`BlockCheck` (its
+        ``path``, and the digests of its trailer, read with one ``pread``), or None when the block
+        is not cached (or its size or trailer is wrong: dropped, the caller fetches it again).
+
+        For a caller that maps the file and then checks the block's bytes through its own mapping
+        (``check(view, offset)``) before anyone uses them: the hash faults the pages in from the
+        page cache, nothing is copied. A mapping stays valid for the reasons given in
+        :meth:`verified_path` (cache files are never rewritten in place). Whichever inode the
+        caller maps, it is checked against these digests: another file for the same key holds the
+        same bytes and the same trailer (blocks are immutable), a corrupt one fails the check."""
+        for path in (self.path(key), self.staged_path(key)):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                break
+            except FileNotFoundError:
+                continue
+        else:
+            return None
+        nseg = _segments(bsize)
+        try:
+            try:
+                size = os.fstat(fd).st_size
+                if size != bsize + trailer_size(bsize):
+                    self._drop(path, f"size {size}, not {bsize} bytes and a trailer")
+                tail = os.pread(fd, trailer_size(bsize), bsize)
+                self._check_footer(path, tail, nseg)
+            finally:
+                os.close(fd)
+        except (CacheMiss, OSError):
+            return None
+        return BlockCheck(self, path, bsize, tail[:(nseg + 1) * 8])
+
+
+class BlockCheck:
+    """A cache file found by :meth:`DiskCache.unverified`: ``path``, and ``check(view, offset)``
+    to verify bytes of it that the caller holds (typically through a mapping of ``path``)."""
+
+    __slots__ = ("cache", "path", "bsize", "digests")
+
+    def __init__(self, cache: DiskCache, path: str, bsize: int, digests: bytes):
+        self.cache, self.path, self.bsize, self.digests = cache, path, bsize, digests
+
+    def check(self, view: memoryview, offset: int = 0) -> bool:
+        """Whether ``view`` -- bytes ``[offset, offset+len(view))`` of the block, as the caller
+        holds them -- are the block's. Hashed in place (xxh3 releases the GIL: call it from
+        several threads at once). The whole block is checked against the whole-block digest; a
+        part, against the digests of every 64 KiB segment it touches (the rest of a segment at its
+        edges is read from the file). False: a mismatch (the file is dropped, counted in
+        ``cache_corrupt``; the caller must read the block the usual way, which fetches it again)
+        or the file could not be read (not dropped)."""
+        n, bsize, d = len(view), self.bsize, self.digests
+        nseg = _segments(bsize)
+        why = None
+        if offset == 0 and n == bsize:
+            if xxhash.xxh3_64_digest(view) != d[nseg * 8: nseg * 8 + 8]:
+                why = "checksum mismatch"
+        else:
+            fd = None
+            try:
+                for i in range(offset // SEGMENT, _segments(offset + n)):
+                    a, b = i * SEGMENT, min((i + 1) * SEGMENT, bsize)
+                    if a >= offset and b <= offset + n:
+                        h = xxhash.xxh3_64_digest(view[a - offset: b - offset])
+                    else:                              # a segment at an edge: the rest from the file
+                        if fd is None:
+                            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                        hasher = xxhash.xxh3_64()
+                        if a < offset:
+                            pre = os.pread(fd, offset - a, a)
+                            if len(pre) != offset - a:
+                                raise OSError(errno.EIO, "short read")
+                            hasher.update(pre)
+                        hasher.update(view[max(a, offset) - offset: min(b, offset + n) - offset])
+                        if b > offset + n:
+                            post = os.pread(fd, b - offset - n, offset + n)
+                            if len(post) != b - offset - n:
+                                raise OSError(errno.EIO, "short read")
+                            hasher.update(post)
+                        h = hasher.digest()
+                    if h != d[i * 8: i * 8 + 8]:
+                        why = f"checksum mismatch in segment {i}"
+                        break
+            except OSError:
+                return False
+            finally:
+                if fd is not None:
+                    os.close(fd)
+        if why is not None:
+            try:
+                self.cache._drop(self.path, why)
+            except CacheMiss:
+                pass
+            return False
+        self.cache.hits += 1
+        self.cache.hit_bytes += n
+        return True
+
+
 _scratch = threading.local()        # verified_path's read buffer, one per thread

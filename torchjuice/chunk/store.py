@@ -615,14 +615,22 @@ class ChunkStore:
         return self.cache is not None or (self.compressor.name == "none"
                                           and hasattr(self.store, "local_path"))
 
-    def local_blocks(self, blocks: list[tuple[str, int]]) -> list[str | None]:
+    def local_blocks(self, blocks: list[tuple[str, int]], verify: bool = True) -> list:
         """For each ``(key, bsize)``: a local file whose bytes ``[0, bsize)`` are the block's,
         uncompressed and trustworthy, or None (read it the usual way). First choice: the object
         itself when the store keeps objects as local files (``file://``) and blocks are not
         compressed; then the disk cache, whose checksum is checked here (a corrupt block is
         dropped, and so fetched again by the caller's read). Neither kind of file is ever
         rewritten in place, so a memory mapping of one stays valid (same bytes) after the block
-        is evicted, deleted or replaced. Cache checks run in parallel on the download pool."""
+        is evicted, deleted or replaced. Cache checks run in parallel on the download pool.
+
+        ``verify=False``: ``(path, check)`` or None for each block, nothing hashed here. ``check``
+        is None for a store's own object (no checksum to check), else a cache file's
+        :class:`~torchjuice.chunk.disk.BlockCheck`: its bytes are the block's only once
+        ``check.check(view, offset)`` said so of the bytes the caller holds (a mapping of the
+        file); a False from it dropped the file, and the caller reads the block as usual."""
+        if not verify:
+            return self._local_unverified(blocks)
         out: list[str | None] = [None] * len(blocks)
         todo = []
         direct = self.compressor.name == "none" and hasattr(self.store, "local_path")
@@ -643,4 +651,22 @@ class ChunkStore:
             pool = self._pool("down")
             for i, path in zip(todo, pool.map(lambda i: self.cache.verified_path(*blocks[i]), todo)):
                 out[i] = path
+        return out
+
+    def _local_unverified(self, blocks: list[tuple[str, int]]) -> list:
+        out: list = [None] * len(blocks)
+        direct = self.compressor.name == "none" and hasattr(self.store, "local_path")
+        for i, (key, bsize) in enumerate(blocks):
+            if direct:
+                path = self.store.local_path(key)
+                try:
+                    if os.stat(path).st_size == bsize:
+                        out[i] = (path, None)
+                        continue
+                except OSError:
+                    pass
+            if self.cache is not None:
+                check = self.cache.unverified(key, bsize)
+                if check is not None:
+                    out[i] = (check.path, check)
         return out

@@ -11,8 +11,8 @@ Warm (everything in the page cache): a local file read by ``safetensors.torch.lo
 multi-threaded ``os.preadv`` into a buffer allocated before the clock starts, and by runai's
 streamer; the same bytes on a volume with a ``file://`` store read by ``tj.load_safetensors`` (its
 blocks memory-mapped in place, and, for comparison, copied with ``mmap=False``); and on an S3
-volume whose local disk cache was warmed (``Volume.warmup``; cached blocks are checksummed, then
-mapped).
+volume whose local disk cache was warmed (``Volume.warmup``; cached blocks are mapped, then
+checksummed through the mapping).
 
 Cold (the S3 server -- moto, its own process, loopback): ``tj.load_safetensors`` from an S3 volume
 with no disk cache, beside raw parallel GETs of the same blocks (``get_into`` in a

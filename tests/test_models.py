@@ -764,6 +764,56 @@ def test_mmap_corrupt_cache_block_is_not_mapped(cached, tmp_path):
     assert victim not in mapped
 
 
+@needs_linux
+@pytest.mark.parametrize("where", [5000, 40 * BS // 3])
+def test_mmap_corrupt_cache_block_partly_mapped(cached, tmp_path, where):
+    """A corrupt byte in a block only partly mapped (the first one: its first page holds the
+    header, read apart), in the mapped part: found by the segment checksums, the block dropped
+    and fetched again; iter_safetensors hands out the right bytes."""
+    raw = st.save(big_model(38))
+    put(cached, "/m.safetensors", raw)
+    cached.warmup("/m.safetensors")
+    (_, _, victim, loff), = cached.local_blocks("/m.safetensors", where, 1)
+    with open(victim, "r+b") as f:
+        f.seek(loff)
+        b = f.read(1)
+        f.seek(loff)
+        f.write(bytes([b[0] ^ 0x01]))
+    m0 = cached.metrics()
+    got = dict(models.iter_safetensors("/m.safetensors", volume=cached))
+    m1 = cached.metrics()
+    assert_same(got, st_load(raw))
+    assert m1["cache_corrupt"] == m0["cache_corrupt"] + 1
+    assert m1["get_count"] == m0["get_count"] + 1
+    assert victim not in {mapped_file(t) for t in got.values()}
+    assert mapped_share(got) > 0.5                           # the other blocks are still mapped
+
+
+def test_local_blocks_unverified_checks_what_the_caller_holds(cached):
+    """verify=False: nothing is read but the trailers; each cache piece comes with a check of the
+    caller's bytes -- the whole block, or a part (edge segments completed from the file)."""
+    raw = st.save(big_model(39))
+    put(cached, "/m.safetensors", raw)
+    cached.warmup("/m.safetensors")
+    h0 = cached.metrics()["cache_hits"]
+    pieces = cached.local_blocks("/m.safetensors", 0, len(raw), verify=False)
+    assert cached.metrics()["cache_hits"] == h0              # nothing checked yet
+    assert sum(p[1] for p in pieces) == len(raw)
+    for foff, n, path, loff, check in pieces:
+        assert check is not None and check.path == path
+        good = memoryview(bytearray(raw[foff:foff + n]))
+        assert check.check(good, loff)
+        if n > 3000:
+            assert check.check(good[1000:n - 1000], loff + 1000)     # a part
+    assert cached.metrics()["cache_hits"] > h0
+    foff, n, path, loff, check = pieces[1]
+    bad = bytearray(raw[foff:foff + n])
+    bad[n // 2] ^= 0x40
+    c0 = cached.metrics()["cache_corrupt"]
+    assert not check.check(memoryview(bad), loff)
+    assert cached.metrics()["cache_corrupt"] == c0 + 1 and not os.path.exists(path)
+
+
 # -- the example inference server --------------------------------------------------------------------------
 def test_serve_example_starts_and_answers(tmp_path):
     """examples/serve.py --demo: makes a volume and a tiny model, loads it from juice://, serves."""

@@ -21,9 +21,11 @@ How a load moves bytes (see docs/models.md):
   non-blocking copies on a side stream, so reads and host-to-device copies overlap.
 
 * mmap-style: on the CPU, the blocks that lie uncompressed in local files (a ``file://`` store's
-  own objects; the disk cache's blocks, checksum checked first) are memory-mapped in place
-  instead (:func:`_mapped_region`), so a warm load copies nothing: those tensors are views over the
-  page cache, copy-on-write, valid after the cache evicts the blocks. The rest is read as above.
+  own objects; the disk cache's blocks) are memory-mapped in place instead
+  (:func:`_mapped_region`), so a warm load copies nothing: those tensors are views over the page
+  cache, copy-on-write, valid after the cache evicts the blocks. A cached block is checksum-checked
+  through that mapping (hashed in place, on the pool) before a tensor over it is handed out. The
+  rest is read as above.
 """
 from __future__ import annotations
 
@@ -464,7 +466,7 @@ def _region(f: _File, start: int, end: int, pool: ThreadPoolExecutor | None,
     background, block requests in file order.
 
     Without ``out``, the blocks that lie in local files (a ``file://`` store's own objects, the
-    disk cache's verified blocks; see :meth:`Volume.local_blocks`) are memory-mapped in place
+    disk cache's blocks, checked; see :meth:`Volume.local_blocks`) are memory-mapped in place
     instead of read (:func:`_mapped_region`): tensors over them are views of the page cache."""
     n = end - start
     if out is None and n and f.use_mmap and _MMAP_OK:
@@ -518,17 +520,30 @@ def _map_file(addr: int, length: int, path: str, local_off: int, need: int) -> b
     finally:
         os.close(fd)
     # a failed MAP_FIXED may have unmapped the range already: anonymous memory back, to read into
+    _anonymous(addr, length)
+    return False
+
+
+def _anonymous(addr: int, length: int) -> None:
+    """Private anonymous memory at ``addr`` in place of what is mapped there."""
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
     if _c().mmap(addr, length, prot, flags, -1, 0) != addr:
         e = ctypes.get_errno()
-        raise OSError(e, f"mmap: cannot restore memory after a failed file mapping: {os.strerror(e)}")
-    return False
+        raise OSError(e, f"mmap: cannot restore memory after a file mapping: {os.strerror(e)}")
 
 
 def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
     """File bytes ``[start, end)`` as a uint8 tensor whose locally held pages are mappings of the
-    local files; None when no byte is local (the caller reads everything)."""
-    local = f.vol.local_blocks(f.path, start, end - start, inode=f.inode)
+    local files; None when no byte is local (the caller reads everything).
+
+    A disk-cache file is mapped first and checked through that mapping (its bytes hashed in
+    place against the checksums in its trailer, on the pool, in file order beside the reads):
+    its pages come from the page cache with no copy, and the hash faults them in, as using the
+    tensors would. A block that fails is dropped by the cache; anonymous memory goes back over
+    its pages and it is read as usual (fetched again). Tensors over a block are handed out only
+    once it is checked (:meth:`_Region.wait`)."""
+    local = f.vol.local_blocks(f.path, start, end - start, inode=f.inode, verify=False)
     if not any(p[2] for p in local):
         return None
     if local[-1][0] + local[-1][1] != end:
@@ -541,14 +556,16 @@ def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
     holder = mmap.mmap(-1, end - base + _HUGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(holder, dtype=torch.uint8)      # keeps `holder` (and so the maps)
     del holder
-    blk = next((foff - loff for foff, _, path, loff in local
-                if path is not None and (foff - loff) % _PAGE == 0), base)
+    blk = next((p[0] - p[3] for p in local
+                if p[2] is not None and (p[0] - p[3]) % _PAGE == 0), base)
     lead = -(whole.data_ptr() - base + blk) % _HUGE
     addr = whole.data_ptr() + lead                # file offset `base` is here
     buf = whole[lead + start - base:lead + end - base]
     view = _byte_view(buf)
-    reads: list[tuple[int, int]] = []             # file ranges to read
-    for foff, n, path, loff in local:
+    # ops, in file order, covering [start, end): (a, b, None) read; (a, b, ()) mapped, trusted;
+    # (a, b, (check, addr, length, local_offset)) mapped, to be checked
+    ops: list[tuple[int, int, tuple | None]] = []
+    for foff, n, path, loff, check in local:
         a, b = foff, foff + n
         if path is not None and (foff - loff) % _PAGE == 0:
             ma = base + -(-(a - base) // _PAGE) * _PAGE
@@ -556,24 +573,72 @@ def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
             mb = end if b == end else base + (b - base) // _PAGE * _PAGE
             if mb > ma:
                 length = -(-(mb - ma) // _PAGE) * _PAGE
-                if _map_file(addr + (ma - base), length, path, loff + (ma - a), loff + (mb - a)):
+                maddr = addr + (ma - base)
+                if _map_file(maddr, length, path, loff + (ma - a), loff + (mb - a)):
                     if ma > a:
-                        reads.append((a, ma))
+                        ops.append((a, ma, None))
+                    ops.append((ma, mb, () if check is None else
+                                (check, maddr, length, loff + (ma - a))))
                     if b > mb:
-                        reads.append((mb, b))
+                        ops.append((mb, b, None))
                     continue
-        reads.append((a, b))
-    pieces = []
+        ops.append((a, b, None))
     bs = f.block_size
-    for a, b in reads:
-        pos = a
+
+    def pieces(a: int, b: int) -> list:
+        out, pos = [], a
         while pos < b:
             k = min(b - pos, bs - pos % bs)
-            pieces.append((pos, view, pos - start, k))
+            out.append((pos, view, pos - start, k))
             pos += k
-    # The mapped pages are not touched here: the first access to each maps it from the page cache,
-    # 2 MiB at a time -- as for safetensors' own mmap -- so the load returns at once.
-    return _Region(buf, start, f.submit(pool, pieces) if pieces else [])
+        return out
+
+    def run(task: list) -> None:
+        reads = []
+        for a, b, what in task:
+            if what is None:
+                reads += pieces(a, b)
+            elif what:
+                check, maddr, length, loff = what
+                if not check.check(view[a - start:b - start], loff):
+                    _anonymous(maddr, length)     # the file's pages out; read it as usual
+                    reads += pieces(a, b)
+        if reads:
+            f.read_pieces(reads)
+
+    # tasks of at least min_bytes of work, in file order; a mapped trusted piece is no work (its
+    # pages are not touched here: the first access maps them, 2 MiB at a time, as for
+    # safetensors' own mmap, so a load of trusted files returns at once)
+    min_bytes = min(1 << 20, bs)
+    futures: list[tuple[int, Future]] = []
+    task: list = []
+    work = 0
+
+    def flush() -> None:
+        nonlocal task, work
+        if work and pool is not None:
+            futures.append((task[-1][1], pool.submit(run, task)))
+        else:
+            if work:
+                run(task)
+            done: Future = Future()
+            done.set_result(None)
+            futures.append((task[-1][1], done))
+        task, work = [], 0
+
+    try:
+        for op in ops:
+            task.append(op)
+            if op[2] != ():
+                work += op[1] - op[0]
+            if work >= min_bytes:
+                flush()
+        if task:
+            flush()
+    except BaseException:
+        _cancel(futures)
+        raise
+    return _Region(buf, start, futures)
 
 
 # -- device copies ------------------------------------------------------------------------------------

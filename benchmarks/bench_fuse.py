@@ -12,6 +12,9 @@ by a ``torchjuice mount -d`` process (as users run it). Stores: ``file`` (a loca
 - API write: ``vol.open(p, "wb", buffering=0)``, 1 MiB ``write`` calls from one buffer, ``close``;
 - mount write: ``os.open``/``os.write`` of 1 MiB (what ``dd bs=1M`` does), ``close`` (commits);
   both sides write from one page-aligned buffer, as ``dd`` does, and read into another;
+- before each write, ``os.sync()`` (untimed): a writer that follows another's 1 GiB of fresh
+  dirty pages is throttled by the kernel while they go to disk, and the mount always wrote second
+  (an earlier version of this script measured that bias against the mount's writes);
 - reads, each side reading the file the *other* side wrote (so the run checks close-to-open too:
   sizes and a sample of blocks are compared), with ``readinto`` / ``os.readv`` into one 1 MiB
   buffer. Where the bytes come from is named in the row, and is the same for both sides:
@@ -188,7 +191,9 @@ def run_store(kind: str, store: str, size: int, rounds: int, tmp: str) -> dict[s
         for r in range(rounds):
             api_p, fuse_p = f"/api-{r}.bin", f"fuse-{r}.bin"
             mnt_api = os.path.join(mp, api_p.lstrip("/"))       # the API's file, via the mount
+            os.sync()       # each write starts with no dirty pages waiting (see the docstring)
             put("api write", api_write(vol, api_p, size, buf))
+            os.sync()
             put("mount write", fuse_write(os.path.join(mp, fuse_p), size, buf))
             if kind == "s3":
                 settle_cache(vol, os.path.join(env["TORCHJUICE_HOME"], "cache"))

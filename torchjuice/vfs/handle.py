@@ -116,9 +116,10 @@ class JuiceRawFile(io.RawIOBase):
         return n
 
     def pread_into(self, off: int, b) -> int:
-        """Read at file offset ``off`` into ``b`` without using or moving the position. Several
-        threads may call it at once (the FUSE mount serves the kernel's parallel readahead
-        requests so) as long as no write is pending: the caller commits writes first."""
+        """Read at file offset ``off`` into ``b`` without using or moving the position (the FUSE
+        mount shares one handle between descriptors and reads at each request's offset). Safe
+        from several threads at once as long as no write is pending: the caller commits writes
+        first."""
         self._check_closed()
         return self._reader.read_into(off, memoryview(b).cast("B"), self._length)
 

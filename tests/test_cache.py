@@ -341,6 +341,8 @@ def test_warmup_and_stats_commands(tmp_path, s3_server):
         assert mine and mine[0]["stats"]["cache_hits"] >= 3
         table = run_cli("stats", "warmvol", "--count", "1").stdout
         assert "cache hits" in table and "total" in table
+        piped = run_cli("stats", "warmvol")          # output to a pipe: one table, then exit
+        assert piped.returncode == 0 and piped.stdout.count("client(s); counters") == 1
 
 
 def test_s3_volume_caches_by_default(tmp_path, s3_server):

@@ -130,6 +130,7 @@ def cmd_stats(a) -> int:
                 srv.server_close()
             return 0
         n = 0
+        count = a.count if a.count is not None else (0 if sys.stdout.isatty() else 1)
         while True:
             sessions = meta.list_sessions()
             if a.json:
@@ -141,7 +142,7 @@ def cmd_stats(a) -> int:
                 print(f"{time.strftime('%H:%M:%S')}  {len(sessions)} client(s); counters as of "
                       "their last heartbeat\n" + table, flush=True)
             n += 1
-            if a.count and n >= a.count:
+            if count and n >= count:
                 return 0
             time.sleep(a.interval)
     finally:
@@ -187,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stats", help="live counters of the clients of a volume")
     st.add_argument("volume", metavar="META_URL|NAME|MOUNTPOINT")
     st.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    st.add_argument("--count", type=int, default=0, help="stop after this many (0: never)")
+    st.add_argument("--count", type=int, default=None,
+                    help="stop after this many (0: never; default: never on a terminal, once when "
+                         "the output is a pipe or a file)")
     st.add_argument("--json", action="store_true", help="one JSON line per refresh")
     st.add_argument("--prometheus", metavar="HOST:PORT",
                     help="serve the counters at http://HOST:PORT/metrics (Prometheus text format)")

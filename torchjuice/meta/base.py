@@ -587,11 +587,20 @@ class BaseMeta(Meta):
         code 0 when every name resolved (``attr_raw`` of the last, ``target`` if it is a symlink);
         -1 when ``names[idx]`` (not the last) is a symlink (``target`` set); else an errno at
         ``names[idx]``. ``inos`` are the inodes walked so far. Engines may run it server-side."""
-        cur = start
+        return self._walk_entries(
+            tx, len(names), lambda i, cur: tx.hget(_dkey(start if i == 0 else cur), _enc(names[i])),
+            lambda ino: tx.get(_ikey(ino)))
+
+    @staticmethod
+    def _walk_entries(tx, n: int, entry, attr):
+        """The walk of :meth:`_walk` over ``n`` names, given ``entry(i, parent inode)`` (the raw
+        directory entry of name ``i``, None when missing) and ``attr(inode)`` (its raw
+        attributes): shared by the generic walk and engines that fetch every entry at once."""
+        cur = None
         inos: list[int] = []
-        last = len(names) - 1
-        for i, name in enumerate(names):
-            e = tx.hget(_dkey(cur), _enc(name))
+        last = n - 1
+        for i in range(n):
+            e = entry(i, cur)
             if e is None:
                 return errno.ENOENT, i, inos, None, None
             typ, ino = e[0] - 48, int(e[1:])
@@ -600,11 +609,11 @@ class BaseMeta(Meta):
                 target = tx.get(f"s{ino}")
                 if i < last:
                     return -1, i, inos, None, target
-                return 0, i, inos, tx.get(_ikey(ino)), target
+                return 0, i, inos, attr(ino), target
             if i < last and typ != TYPE_DIR:
                 return errno.ENOTDIR, i + 1, inos, None, None
             cur = ino
-        return 0, last, inos, tx.get(_ikey(cur)), None
+        return 0, last, inos, attr(cur), None
 
     def _walk_file(self, tx, names: list[str]):
         """``_walk`` from the root, plus (last) the raw slices of chunk 0 when the walk ends on a

@@ -296,23 +296,10 @@ class SQLMeta(BaseMeta):
             return super()._walk(tx, start, names)
         enc = [n.encode("utf-8", "surrogateescape") for n in names]
         row = tx._x(self._walk_statement(len(names)), [f"d{start}", *enc]).fetchone()
-        inos: list[int] = []
-        last = len(names) - 1
-        for i in range(len(names)):
-            e = row[i]
-            if e is None:
-                return errno.ENOENT, i, inos, None, None
-            e = bytes(e)
-            typ, ino = e[0] - 48, int(e[1:])
-            inos.append(ino)
-            if typ == TYPE_SYMLINK:
-                target = tx.get(f"s{ino}")
-                if i < last:
-                    return -1, i, inos, None, target
-                return 0, i, inos, None if row[-1] is None else bytes(row[-1]), target
-            if i < last and typ != TYPE_DIR:
-                return errno.ENOTDIR, i + 1, inos, None, None
-        return 0, last, inos, None if row[-1] is None else bytes(row[-1]), None
+        last_attr = None if row[-1] is None else bytes(row[-1])
+        return self._walk_entries(tx, len(names),
+                                  lambda i, cur: None if row[i] is None else bytes(row[i]),
+                                  lambda ino: last_attr)
 
     # -- transactions -----------------------------------------------------------------------------
     def _retryable(self, e: BaseException) -> bool:

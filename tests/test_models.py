@@ -789,6 +789,24 @@ def test_mmap_corrupt_cache_block_partly_mapped(cached, tmp_path, where):
     assert mapped_share(got) > 0.5                           # the other blocks are still mapped
 
 
+@needs_linux
+@pytest.mark.parametrize("threads", [1, 2, 16])
+def test_mmap_cache_checks_stop_with_the_iterator(cached, threads):
+    """Blocks are checked in file order by the pool and by the waiting thread: a consumer that
+    stops early stops them (nothing hangs, nothing is counted corrupt); any pool size works."""
+    raw = st.save(big_model(40))
+    put(cached, "/m.safetensors", raw)
+    cached.warmup("/m.safetensors")
+    want = st_load(raw)
+    it = models.iter_safetensors("/m.safetensors", volume=cached, threads=threads)
+    name, t = next(it)
+    assert torch.equal(t, want[name])
+    it.close()
+    got = tj.load_safetensors("/m.safetensors", volume=cached, threads=threads)
+    assert_same(got, want)
+    assert mapped_share(got) == 1 and cached.metrics()["cache_corrupt"] == 0
+
+
 def test_local_blocks_unverified_checks_what_the_caller_holds(cached):
     """verify=False: nothing is read but the trailers; each cache piece comes with a check of the
     caller's bytes -- the whole block, or a part (edge segments completed from the file)."""

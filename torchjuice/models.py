@@ -435,16 +435,21 @@ class _Region:
     """Bytes ``[start, end)`` of a file in one uint8 tensor, filled in the background in file order;
     :meth:`wait` blocks until the bytes up to an offset are in."""
 
-    def __init__(self, buf: torch.Tensor, start: int, futures: list[tuple[int, Future]]):
+    def __init__(self, buf: torch.Tensor, start: int, futures: list[tuple[int, Future]],
+                 helper=None):
         self.buf = buf
         self.start = start
         self._futures = deque(futures)     # (end offset, future): contiguous tasks, in file order
         self._done = start                 # every byte before this one is in
+        self._helper = helper              # runs one pending task here; False when none is left
 
     def wait(self, upto: int) -> None:
         try:
             while self._done < upto and self._futures:
                 end, f = self._futures[0]
+                while self._helper is not None and not f.done():
+                    if not self._helper():          # rather than sleep, do some of the work
+                        self._helper = None
                 f.result()
                 self._futures.popleft()
                 self._done = end
@@ -522,6 +527,13 @@ def _map_file(addr: int, length: int, path: str, local_off: int, need: int) -> b
     # a failed MAP_FIXED may have unmapped the range already: anonymous memory back, to read into
     _anonymous(addr, length)
     return False
+
+
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _anonymous(addr: int, length: int) -> None:
@@ -606,39 +618,70 @@ def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
         if reads:
             f.read_pieces(reads)
 
-    # tasks of at least min_bytes of work, in file order; a mapped trusted piece is no work (its
+    # Tasks of at least min_bytes of work, in file order; a mapped trusted piece is no work (its
     # pages are not touched here: the first access maps them, 2 MiB at a time, as for
-    # safetensors' own mmap, so a load of trusted files returns at once)
+    # safetensors' own mmap, so a load of trusted files returns at once). Tasks that only check
+    # (CPU work: faults and hashing) are run by one worker per CPU, taking them in file order --
+    # with a thread each on the loader's 16, the first block would be done only when most of
+    # them are; tasks that read go to the pool as usual. The thread waiting for the tensors
+    # takes check tasks too while it waits (:meth:`_Region.wait`).
     min_bytes = min(1 << 20, bs)
     futures: list[tuple[int, Future]] = []
+    checks: list[tuple[Future, list]] = []
+    fills: list[tuple[Future, list]] = []
     task: list = []
     work = 0
+    for op in ops:
+        task.append(op)
+        if op[2] != ():
+            work += op[1] - op[0]
+        if work >= min_bytes or op is ops[-1]:
+            fut: Future = Future()
+            futures.append((task[-1][1], fut))
+            if not work:
+                fut.set_result(None)
+            elif pool is None or any(o[2] is None for o in task):
+                fills.append((fut, task))
+            else:
+                checks.append((fut, task))
+            task, work = [], 0
 
-    def flush() -> None:
-        nonlocal task, work
-        if work and pool is not None:
-            futures.append((task[-1][1], pool.submit(run, task)))
-        else:
-            if work:
+    def do(fut: Future, task: list) -> None:
+        if fut.set_running_or_notify_cancel():
+            try:
                 run(task)
-            done: Future = Future()
-            done.set_result(None)
-            futures.append((task[-1][1], done))
-        task, work = [], 0
+            except BaseException as e:
+                fut.set_exception(e)
+            else:
+                fut.set_result(None)
+
+    if pool is None:
+        for fut, task in fills:
+            do(fut, task)
+        return _Region(buf, start, futures)
+    order = itertools.count()
+
+    def one() -> bool:
+        i = next(order)                           # next() of a count is atomic under the GIL
+        if i >= len(checks):
+            return False
+        do(*checks[i])
+        return True
+
+    def drive() -> None:
+        while one():
+            pass
 
     try:
-        for op in ops:
-            task.append(op)
-            if op[2] != ():
-                work += op[1] - op[0]
-            if work >= min_bytes:
-                flush()
-        if task:
-            flush()
+        for _ in range(min(len(checks), _cpus())):
+            pool.submit(drive)
+        for fut, task in fills:
+            pool.submit(do, fut, task)
     except BaseException:
         _cancel(futures)
         raise
-    return _Region(buf, start, futures)
+    # the thread that waits for the tensors checks blocks too, while it waits
+    return _Region(buf, start, futures, one if checks else None)
 
 
 # -- device copies ------------------------------------------------------------------------------------

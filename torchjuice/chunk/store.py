@@ -98,6 +98,7 @@ class ChunkStore:
         self.cache_writes = cache_writes and cache is not None
         self.writeback = writeback
         self.cache_fill_buffer = cache_fill_buffer
+        self.cache_fill_direct = cache_fill_buffer // 4
         if writeback and cache is None:
             raise ValueError("write-back needs a disk cache (cache_dir)")
         self.metrics = Metrics()
@@ -389,7 +390,9 @@ class ChunkStore:
                 return
             key, data, holder = item
             try:
-                self.cache.put(key, data)
+                # keeping up: through the page cache (later reads copy out of it fastest);
+                # falling behind: O_DIRECT, a fraction of the CPU (see DiskCache._write_block)
+                self.cache.put(key, data, direct=self._fill_bytes > self.cache_fill_direct)
             finally:
                 with self._lock:
                     self._fill_bytes -= len(data)

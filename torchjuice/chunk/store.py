@@ -362,8 +362,9 @@ class ChunkStore:
     # -- filling the disk cache ----------------------------------------------------------------------
     # A new 4 MiB file costs milliseconds of kernel time (fresh pages), as much as the GET itself
     # on a busy machine. So blocks are cached by one background thread at a low CPU priority
-    # (FILL_NICE), never on the reader's path; when it falls behind by more than `cache_fill_buffer` bytes, the
-    # block is not cached this time (counted in cache_skipped; `warmup` fills synchronously).
+    # (FILL_NICE), never on the reader's path; when it falls behind by more than
+    # `cache_fill_buffer` bytes, the block is not cached this time (counted in cache_skipped;
+    # `warmup` fills synchronously).
 
     def _cache_later(self, key: str, data, owner=None) -> None:
         """Queue a block for the disk cache; ``owner`` is the reusable buffer behind ``data``."""

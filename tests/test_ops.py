@@ -216,6 +216,22 @@ def test_trash_expires_in_the_background_once_across_clients(request, tmp_path, 
     assert a.meta.check() == []
 
 
+def test_trash_list_skips_an_hour_directory_removed_meanwhile(request, tmp_path, monkeypatch):
+    vol, _ = make_volume(request, tmp_path)
+    vol.write_bytes("/a", b"x")
+    vol.remove("/a")
+    assert [e["name"] for e in vol.trash_list()] == ["a"]
+    from torchjuice.meta import TRASH_INODE
+    real = vol.meta.readdir
+
+    def racing(inode, *args, **kwargs):     # another client's cleanup emptied and removed it
+        if inode != TRASH_INODE:
+            raise FileNotFoundError(errno.ENOENT, "gone", f"inode {inode}")
+        return real(inode, *args, **kwargs)
+    monkeypatch.setattr(vol.meta, "readdir", racing)
+    assert vol.trash_list() == []
+
+
 def test_lease_is_taken_by_one_client_per_interval(request, tmp_path):
     _, url = make_volume(request, tmp_path, connect=False)
     metas = [new_meta(url) for _ in range(4)]

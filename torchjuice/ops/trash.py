@@ -49,7 +49,11 @@ def trash_list(vol) -> list[dict]:
     out = []
     dirs: dict = {}
     for hour, h in meta.readdir(TRASH_INODE):
-        for entry, a in meta.readdir(h.inode):
+        try:
+            entries = meta.readdir(h.inode)
+        except FileNotFoundError:           # emptied and removed by a cleanup meanwhile
+            continue
+        for entry, a in entries:
             try:
                 p0, _ino, name = entry.split("-", 2)
                 parent = int(p0)

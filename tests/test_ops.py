@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import random
@@ -19,7 +18,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 import urllib.request
 
 import pytest
@@ -32,7 +30,7 @@ import torchjuice as tj
 from conftest import make_meta_url
 from servers import RedisServer, free_port
 from torchjuice.cli.main import main as cli
-from torchjuice.meta import CHUNK_SIZE, ROOT_INODE, TRASH_INODE, Slice, new_meta
+from torchjuice.meta import CHUNK_SIZE, ROOT_INODE, TRASH_INODE, new_meta
 from torchjuice.meta import base as meta_base
 from torchjuice.object import create_store
 from torchjuice.object.fault import FaultyStore, InjectedConnectionError, InjectedThrottle
@@ -221,7 +219,6 @@ def test_trash_list_skips_an_hour_directory_removed_meanwhile(request, tmp_path,
     vol.write_bytes("/a", b"x")
     vol.remove("/a")
     assert [e["name"] for e in vol.trash_list()] == ["a"]
-    from torchjuice.meta import TRASH_INODE
     real = vol.meta.readdir
 
     def racing(inode, *args, **kwargs):     # another client's cleanup emptied and removed it

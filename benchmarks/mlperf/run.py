@@ -3,7 +3,6 @@ floor, the checkpoint workload, the results (JSON, Markdown table, PNG chart).""
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import queue

@@ -13,13 +13,11 @@ READ ONLY snapshots. Serialization failures and deadlocks are retried.
 """
 from __future__ import annotations
 
-import errno
 import os
 import sqlite3
 import threading
 
 from .base import BaseMeta, KVTx, backoff, redact
-from .interface import TYPE_DIR, TYPE_SYMLINK
 
 _DDL_SQLITE = [
     "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID",

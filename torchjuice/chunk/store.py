@@ -47,6 +47,9 @@ _NO_RETRY_ERRNO = frozenset({errno.ENOSPC, errno.EROFS, errno.EINVAL, errno.ENAM
 # The cache filler's nice value: 19 starved it on a busy machine (a DataLoader's second epoch then
 # found most blocks uncached), 0 took CPU from cold readers; 10 measured best for both here.
 FILL_NICE = 10
+# Two filler threads: one fell behind a DataLoader reading tar shards (a fifth of the blocks
+# were skipped, so the second epoch was partly cold); two keep up at some cost to the cold read.
+FILL_THREADS = 2
 COPY_NOGIL_MIN = 256 << 10      # copies at least this big run with the GIL released
 
 
@@ -361,7 +364,7 @@ class ChunkStore:
 
     # -- filling the disk cache ----------------------------------------------------------------------
     # A new 4 MiB file costs milliseconds of kernel time (fresh pages), as much as the GET itself
-    # on a busy machine. So blocks are cached by one background thread at a low CPU priority
+    # on a busy machine. So blocks are cached by background threads at a low CPU priority
     # (FILL_NICE), never on the reader's path; when it falls behind by more than
     # `cache_fill_buffer` bytes, the block is not cached this time (counted in cache_skipped;
     # `warmup` fills synchronously).
@@ -378,8 +381,9 @@ class ChunkStore:
             self._pins[id(holder)] = self._pins.get(id(holder), 0) + 1   # not reused until written
             if self._fill is None:
                 self._fill = queue.Queue()
-                threading.Thread(target=self._fill_loop, args=(self._fill,), daemon=True,
-                                 name="tj-cache-fill").start()
+                for _ in range(FILL_THREADS):
+                    threading.Thread(target=self._fill_loop, args=(self._fill,), daemon=True,
+                                     name="tj-cache-fill").start()
             self._fill.put((key, data, holder))
 
     def _fill_loop(self, q: queue.Queue) -> None:
@@ -609,7 +613,8 @@ class ChunkStore:
             pools, self._pools = list(self._pools.values()), {}
             fill, self._fill = self._fill, None
         if fill is not None:
-            fill.put(None)                 # the filler finishes what is queued, then stops
+            for _ in range(FILL_THREADS):  # the fillers finish what is queued, then stop
+                fill.put(None)
             fill.join()
         if self.cache is not None:
             self.cache.close()

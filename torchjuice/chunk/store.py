@@ -47,9 +47,12 @@ _NO_RETRY_ERRNO = frozenset({errno.ENOSPC, errno.EROFS, errno.EINVAL, errno.ENAM
 # The cache filler's nice value: 19 starved it on a busy machine (a DataLoader's second epoch then
 # found most blocks uncached), 0 took CPU from cold readers; 10 measured best for both here.
 FILL_NICE = 10
-# Two filler threads: one fell behind a DataLoader reading tar shards (a fifth of the blocks
-# were skipped, so the second epoch was partly cold); two keep up at some cost to the cold read.
-FILL_THREADS = 2
+# Filler threads. Measured here (2 cores, the S3 server on the same machine): with one, a
+# DataLoader reading tar shards skips a fifth of the blocks (its second epoch is partly cold:
+# 0.77x a local directory, the third 1.30x); with two, none (second epoch 1.09x), but a single
+# cold reader drops from ~0.95x to ~0.80-0.85x of raw GETs. One it is; on a machine whose CPU is
+# not shared with the S3 server, two would cost the reader little.
+FILL_THREADS = 1
 COPY_NOGIL_MIN = 256 << 10      # copies at least this big run with the GIL released
 
 

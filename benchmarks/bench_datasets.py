@@ -236,7 +236,7 @@ def main() -> None:
 
     def juice_epochs(part, label, make):
         # the 3rd epoch too: blocks the 1st epoch could not cache in time (the cache fill runs
-        # in the background at the lowest priority and skips blocks when it falls behind) are
+        # in the background at a low priority (nice 10) and skips blocks when it falls behind) are
         # cached by the 2nd
         epochs(part, label, make, ("cold", "warm", "warm3"))
 
@@ -404,7 +404,7 @@ def main() -> None:
                  "batch to (samples, bytes) in the worker. cold = first epoch of a fresh client "
                  "(empty local cache); warm = second epoch; warm3 = third (torchjuice's local disk "
                  "cache is on by default for an S3 store; its fill runs in the background at the "
-                 "lowest priority and skips blocks when it falls behind, so on a busy machine the "
+                 "low priority (nice 10) and skips blocks when it falls behind, so on a busy machine the "
                  "second epoch is partly cold). s3torchconnector and webdataset have no cache. Local "
                  "directory rows run once, from the page cache. 'vs' columns are time ratios (>1: "
                  "faster than the reference). 'load' is the 1-minute load average when the row "

@@ -534,59 +534,6 @@ class DiskCache:
                 "cache_evictions": self.evictions, "cache_skipped": self.skipped}
 
     # -- local files for memory mapping (torchjuice.models) -------------------------------------------
-    def verified_path(self, key: str, bsize: int) -> str | None:
-        """The cache file holding block ``key`` -- its bytes ``[0, bsize)`` are the block's, and
-        their whole-block checksum was checked just now -- or None when the block is not cached
-        (or was found corrupt, and dropped: the caller fetches it again).
-
-        For a caller that maps the file (``mmap``) instead of reading it. That is safe because a
-        cache file is never rewritten in place: eviction and ``_drop`` unlink it, ``put`` and
-        ``promote`` rename a new file over it. A mapping keeps the old inode, bytes unchanged,
-        after any of these (its disk space is freed when the mapping goes). Opening the path
-        again may find another file for the same key: blocks are immutable, so it holds the same
-        bytes.
-
-        The check reads the block in 256 KiB pieces into a small per-thread buffer and hashes each
-        while it is in the CPU cache. (Hashing through a mapping of its own is a little faster
-        alone, but each ``munmap`` takes the process's mapping lock and interrupts every CPU that
-        runs one of its threads: a cost paid by the loader's other threads.)"""
-        for path in (self.path(key), self.staged_path(key)):
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                break
-            except FileNotFoundError:
-                continue
-        else:
-            return None
-        nseg = _segments(bsize)
-        try:
-            try:
-                size = os.fstat(fd).st_size
-                if size != bsize + trailer_size(bsize):
-                    self._drop(path, f"size {size}, not {bsize} bytes and a trailer")
-                tail = os.pread(fd, trailer_size(bsize), bsize)
-                self._check_footer(path, tail, nseg)
-                scratch = getattr(_scratch, "buf", None)
-                if scratch is None:
-                    scratch = _scratch.buf = memoryview(bytearray(_PIECE))
-                hasher, pos = xxhash.xxh3_64(), 0
-                while pos < bsize:
-                    got = os.preadv(fd, [scratch[:min(_PIECE, bsize - pos)]], pos)
-                    if got <= 0:
-                        self._drop(path, "short read")
-                    hasher.update(scratch[:got])
-                    pos += got
-                if hasher.digest() != tail[nseg * 8: nseg * 8 + 8]:
-                    self._drop(path, "checksum mismatch")
-            finally:
-                os.close(fd)
-        except (CacheMiss, OSError):
-            return None
-        self.hits += 1
-        self.hit_bytes += bsize
-        return path
-
-
     def unverified(self, key: str, bsize: int) -> "BlockCheck | None":
         """The cache file holding block ``key``, NOT yet verified: a :class:`BlockCheck` (its
         ``path``, and the digests of its trailer, read with one ``pread``), or None when the block
@@ -594,10 +541,12 @@ class DiskCache:
 
         For a caller that maps the file and then checks the block's bytes through its own mapping
         (``check(view, offset)``) before anyone uses them: the hash faults the pages in from the
-        page cache, nothing is copied. A mapping stays valid for the reasons given in
-        :meth:`verified_path` (cache files are never rewritten in place). Whichever inode the
-        caller maps, it is checked against these digests: another file for the same key holds the
-        same bytes and the same trailer (blocks are immutable), a corrupt one fails the check."""
+        page cache, nothing is copied. A mapping stays valid because a cache file is never
+        rewritten in place: eviction and ``_drop`` unlink it, ``put`` and ``promote`` rename a new
+        file over it, and a mapping keeps the old inode, bytes unchanged (its disk space is freed
+        when the mapping goes). Whichever inode the caller maps, it is checked against these
+        digests: another file for the same key holds the same bytes and the same trailer (blocks
+        are immutable), a corrupt one fails the check."""
         for path in (self.path(key), self.staged_path(key)):
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -675,6 +624,43 @@ class BlockCheck:
             finally:
                 if fd is not None:
                     os.close(fd)
+        return self._verdict(why, n)
+
+    def check_file(self) -> bool:
+        """:meth:`check` of the whole block as the file holds it: read in 256 KiB pieces into a
+        small per-thread buffer, each hashed while it is in the CPU cache. (Hashing through a
+        mapping of its own is a little faster alone, but each ``munmap`` takes the process's
+        mapping lock and interrupts every CPU that runs one of its threads: a cost paid by the
+        loader's other threads.)"""
+        bsize, nseg = self.bsize, _segments(self.bsize)
+        scratch = getattr(_scratch, "buf", None)
+        if scratch is None:
+            scratch = _scratch.buf = memoryview(bytearray(_PIECE))
+        why = None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            hasher, pos = xxhash.xxh3_64(), 0
+            while pos < bsize:
+                got = os.preadv(fd, [scratch[:min(_PIECE, bsize - pos)]], pos)
+                if got <= 0:
+                    why = "short read"
+                    break
+                hasher.update(scratch[:got])
+                pos += got
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        if why is None and hasher.digest() != self.digests[nseg * 8: nseg * 8 + 8]:
+            why = "checksum mismatch"
+        return self._verdict(why, bsize)
+
+    def _verdict(self, why: str | None, n: int) -> bool:
+        """A failed check (``why``) drops the file (counted in ``cache_corrupt``); a passed one
+        counts a hit of ``n`` bytes."""
         if why is not None:
             try:
                 self.cache._drop(self.path, why)
@@ -686,4 +672,4 @@ class BlockCheck:
         return True
 
 
-_scratch = threading.local()        # verified_path's read buffer, one per thread
+_scratch = threading.local()        # BlockCheck.check_file's read buffer, one per thread

@@ -644,28 +644,18 @@ class ChunkStore:
         :class:`~torchjuice.chunk.disk.BlockCheck`: its bytes are the block's only once
         ``check.check(view, offset)`` said so of the bytes the caller holds (a mapping of the
         file); a False from it dropped the file, and the caller reads the block as usual."""
+        found = self._local_unverified(blocks)
         if not verify:
-            return self._local_unverified(blocks)
-        out: list[str | None] = [None] * len(blocks)
-        todo = []
-        direct = self.compressor.name == "none" and hasattr(self.store, "local_path")
-        for i, (key, bsize) in enumerate(blocks):
-            if direct:
-                path = self.store.local_path(key)
-                try:
-                    if os.stat(path).st_size == bsize:
-                        out[i] = path
-                        continue
-                except OSError:
-                    pass
-            if self.cache is not None:
-                todo.append(i)
+            return found
+        out = [None if f is None else f[0] for f in found]
+        todo = [i for i, f in enumerate(found) if f is not None and f[1] is not None]
         if len(todo) == 1:
-            out[todo[0]] = self.cache.verified_path(*blocks[todo[0]])
-        elif todo:
-            pool = self._pool("down")
-            for i, path in zip(todo, pool.map(lambda i: self.cache.verified_path(*blocks[i]), todo)):
-                out[i] = path
+            good = [found[todo[0]][1].check_file()]
+        else:
+            good = list(self._pool("down").map(lambda i: found[i][1].check_file(), todo))
+        for i, ok in zip(todo, good):
+            if not ok:
+                out[i] = None
         return out
 
     def _local_unverified(self, blocks: list[tuple[str, int]]) -> list:

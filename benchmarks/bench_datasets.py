@@ -38,11 +38,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch  # noqa: F401  (import before forking workers)
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from torchjuice.units import parse_size
 
-from .common import RESULTS, fmt_table, machine, write_results
+from .common import RESULTS, LocalFiles, fmt_table, machine, read_all, write_results
 
 MiB = 1 << 20
 REGION = "us-east-1"
@@ -61,22 +61,6 @@ def measure(batch) -> tuple[int, int]:
         else:
             raise TypeError(type(s))
     return n, nbytes
-
-
-def read_all(reader) -> bytes:         # s3torchconnector transform
-    return reader.read()
-
-
-class LocalFiles(Dataset):
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        with open(self.paths[i], "rb") as f:
-            return f.read()
 
 
 def tar_samples(fileobj, url: str):

@@ -72,3 +72,23 @@ def fmt_table(headers: list[str], rows: list[list]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+# -- baseline readers shared by the dataset and MLPerf benchmarks -----------------------------------
+def read_all(reader) -> bytes:
+    """s3torchconnector's transform: the whole object."""
+    return reader.read()
+
+
+class LocalFiles:
+    """Map-style dataset over local files: item i is ``open(paths[i]).read()``."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with open(self.paths[i], "rb") as f:
+            return f.read()

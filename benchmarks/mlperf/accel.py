@@ -13,6 +13,8 @@ import tarfile
 import time
 import traceback
 
+from ..common import LocalFiles, read_all
+
 REGION = "us-east-1"
 BARRIER_TIMEOUT = 300.0
 
@@ -21,24 +23,6 @@ BARRIER_TIMEOUT = 300.0
 def _torch():
     import torch
     return torch
-
-
-def read_all(reader) -> bytes:          # s3torchconnector transform
-    return reader.read()
-
-
-class LocalFiles:
-    """Map-style: item i is the content of a local file (``open().read()``)."""
-
-    def __init__(self, paths):
-        self.paths = paths
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        with open(self.paths[i], "rb") as f:
-            return f.read()
 
 
 def tar_payloads(fileobj):
@@ -157,19 +141,26 @@ class Compute:
         torch.cuda.synchronize()
 
 
+def _process_setup(be: dict):
+    """A rank process's environment for backend ``be`` (torchjuice's cache directory and size);
+    returns torch, on one thread."""
+    if be.get("cache_dir"):
+        os.environ["TORCHJUICE_CACHE_DIR"] = be["cache_dir"]
+    else:
+        os.environ.pop("TORCHJUICE_CACHE_DIR", None)
+    if be.get("cache_size") is not None:
+        os.environ["TORCHJUICE_CACHE_SIZE"] = be["cache_size"]
+    torch = _torch()
+    torch.set_num_threads(1)
+    return torch
+
+
 # -- the accelerator process -------------------------------------------------------------------------
 def accelerator(rank: int, n: int, cfg: dict, barrier, results) -> None:
     """Run ``cfg["steps"]`` steps; put ``(rank, record)`` on ``results``."""
     try:
         be = cfg["backend"]
-        if be.get("cache_dir"):
-            os.environ["TORCHJUICE_CACHE_DIR"] = be["cache_dir"]
-        else:
-            os.environ.pop("TORCHJUICE_CACHE_DIR", None)
-        if be.get("cache_size") is not None:
-            os.environ["TORCHJUICE_CACHE_SIZE"] = be["cache_size"]
-        torch = _torch()
-        torch.set_num_threads(1)
+        _process_setup(be)
         from torch.utils.data import DataLoader
         files = cfg["files"][rank::n]
         ds = make_dataset(cfg, files)
@@ -226,12 +217,7 @@ def ckpt_rank(rank: int, n: int, cfg: dict, barrier, results) -> None:
     """Build this rank's shard, save it (timed, after a barrier), barrier, load it (timed)."""
     try:
         be = cfg["backend"]
-        if be.get("cache_dir"):
-            os.environ["TORCHJUICE_CACHE_DIR"] = be["cache_dir"]
-        else:
-            os.environ.pop("TORCHJUICE_CACHE_DIR", None)
-        torch = _torch()
-        torch.set_num_threads(1)
+        torch = _process_setup(be)
         from .workloads import llama_shard_shapes, make_shard
         sd = make_shard(rank, llama_shard_shapes(cfg["scale"], n, rank), cfg["seed"])
         nbytes = sum(t.numel() * t.element_size() for t in sd.values())

@@ -313,6 +313,16 @@ class Volume:
     def _attr(self, path: str, follow: bool = True) -> Attr:
         return self._resolve(self.norm(path), path, follow)
 
+    def _slices(self, path: str) -> tuple[Attr, list]:
+        """A file's attributes and every chunk's slice list, in one transaction
+        (``Meta.resolve_slices``); errors name ``path``."""
+        try:
+            return self.meta.resolve_slices(self.norm(path))
+        except OSError as e:
+            if e.filename is None:
+                raise _named(e, path) from None
+            raise type(e)(e.errno, e.strerror, path) from None
+
     # -- files ---------------------------------------------------------------------------------------
     def open(self, path: str, mode: str = "r", buffering: int = -1, encoding: str | None = None,
              errors: str | None = None, newline: str | None = None, *, readahead: bool = True):
@@ -374,15 +384,9 @@ class Volume:
         buffer. Close-to-open: each call sees every file closed before it. A block that vanishes
         under the read (the file was rewritten, compacted or removed meanwhile) makes it look
         again, once: the result is a version the file had, or ``FileNotFoundError``."""
-        p = self.norm(path)
         seen = missing = None
         for _attempt in range(3):
-            try:
-                attr, chunks = self.meta.resolve_slices(p)
-            except OSError as e:
-                if e.filename is None:
-                    raise _named(e, path) from None
-                raise type(e)(e.errno, e.strerror, path) from None
+            attr, chunks = self._slices(path)
             if missing is not None and seen == (attr, chunks):
                 raise missing           # nothing changed: the block is really missing
             if attr.is_dir:
@@ -676,14 +680,14 @@ class Volume:
         inode (else ``OSError(ESTALE)``: it was replaced).
 
         ``verify=False``: the disk cache's files are not checked here; each piece gets a fifth
-        element, ``check``: None where nothing needs checking (a store's own object, a piece not
-        local), else an object whose ``check(view, local_offset)`` verifies the bytes the caller
+        element, ``check``: None where nothing needs checking (a piece not local; a store's own
+        object, whose size the caller checks on the file it opens: it may be short or gone), else an object whose ``check(view, local_offset)`` verifies the bytes the caller
         holds of that file -- hashed in place, e.g. through the caller's mapping of it, so nothing
         is read twice -- and returns False (the file dropped as corrupt: read the piece as usual,
         which fetches it again) when they are not the block's. Until it said True, they are not
         to be used."""
         from .vfs.reader import merge_slices
-        a = self._attr(path)
+        a, chunks = self._slices(path)
         if a.is_dir:
             raise oserror(errno.EISDIR, path)
         if inode is not None and a.inode != inode:
@@ -700,7 +704,7 @@ class Volume:
             base = index * CHUNK_SIZE
             lo, hi = max(offset, base) - base, min(end, base + CHUNK_SIZE) - base
             pos = lo
-            for start, stop, sid, size, soff in merge_slices(self.meta.read_chunk(a.inode, index)):
+            for start, stop, sid, size, soff in merge_slices(chunks[index]):
                 if stop <= pos:
                     continue
                 if start >= hi:

@@ -640,11 +640,12 @@ class ChunkStore:
         is evicted, deleted or replaced. Cache checks run in parallel on the download pool.
 
         ``verify=False``: ``(path, check)`` or None for each block, nothing hashed here. ``check``
-        is None for a store's own object (no checksum to check), else a cache file's
+        is None for a store's own object (no checksum to check; not even its size is: the caller
+        checks the size of the file it opens, which may be shorter or gone), else a cache file's
         :class:`~torchjuice.chunk.disk.BlockCheck`: its bytes are the block's only once
         ``check.check(view, offset)`` said so of the bytes the caller holds (a mapping of the
         file); a False from it dropped the file, and the caller reads the block as usual."""
-        found = self._local_unverified(blocks)
+        found = self._local_unverified(blocks, sized=verify)
         if not verify:
             return found
         out = [None if f is None else f[0] for f in found]
@@ -658,12 +659,17 @@ class ChunkStore:
                 out[i] = None
         return out
 
-    def _local_unverified(self, blocks: list[tuple[str, int]]) -> list:
+    def _local_unverified(self, blocks: list[tuple[str, int]], sized: bool = True) -> list:
+        # sized=False: a store's object is taken without a stat (the unverified caller checks
+        # the size of the file it opens, as it must anyway: it could be replaced meanwhile)
         out: list = [None] * len(blocks)
         direct = self.compressor.name == "none" and hasattr(self.store, "local_path")
         for i, (key, bsize) in enumerate(blocks):
             if direct:
                 path = self.store.local_path(key)
+                if not sized:
+                    out[i] = (path, None)
+                    continue
                 try:
                     if os.stat(path).st_size == bsize:
                         out[i] = (path, None)

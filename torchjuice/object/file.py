@@ -39,7 +39,7 @@ class FileStore(ObjectStore):
         check_key(key)
         if key.rsplit("/", 1)[-1].startswith(TEMP_PREFIX):
             raise InvalidKeyError(f"invalid object key {key!r}: reserved name")
-        return os.path.join(self.root, *key.split("/"))
+        return f"{self.root}/{key}" if os.sep == "/" else os.path.join(self.root, *key.split("/"))
 
     def _open_read(self, key: str) -> int:
         path = self._path(key)

@@ -201,7 +201,16 @@ def test_batch_reads_inline_while_fast_on_threads_while_slow(vol, monkeypatch):
     ds = JuiceDataset(f"juice://{VOL}/f", transform=int)
     batch = list(range(39, -1, -3))
     monkeypatch.setattr(data_mod, "SLOW_READ", 60.0)           # every read is fast (a busy machine)
-    assert ds.__getitems__(batch) == batch and ds._pool is None and not ds._threaded
+    txns = []
+    meta = ds._vols.locate(ds.urls[0])[0].meta
+    real_txn = meta.txn
+    meta.txn = lambda fn, **kw: txns.append(kw) or real_txn(fn, **kw)
+    try:
+        assert ds.__getitems__(batch) == batch and ds._pool is None and not ds._threaded
+    finally:
+        del meta.txn
+    # inline: INLINE_GROUP files per metadata transaction
+    assert len(txns) == -(-len(batch) // data_mod.INLINE_GROUP)
     monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)           # every read is "slow" now
     assert ds.__getitems__(batch) == batch and ds._pool is not None and ds._threaded
     assert ds.__getitems__(batch) == batch and ds._threaded

@@ -492,6 +492,42 @@ def test_chunks_write_read_truncate(m):
     assert m.check() == []
 
 
+def test_resolve_slices_many(m):
+    """One transaction for many paths: each answer is resolve_slices' own, errors per path."""
+    d = m.mkdir(ROOT_INODE, "d")
+    files = []
+    for i in range(5):
+        f = m.create(d.inode, f"f{i}")
+        for k in range(i):                              # 0..4 slices in chunk 0
+            f = m.write_chunk(f.inode, 0, _slice(m, 10 + k, pos=20 * k))
+        files.append(f)
+    big = m.create(d.inode, "big")
+    m.write_chunk(big.inode, 0, _slice(m, 100))
+    m.write_chunk(big.inode, 2, _slice(m, 10, pos=7))
+    m.symlink(ROOT_INODE, "link", "d/f3")
+    paths = ["/d/f0", "/d/f1", "/nope", "/d/f4", "/d/big", "/link", "/d/f2/x", "/d", "/d/f3"]
+    calls = []
+    real = m.txn
+    m.txn = lambda fn, **kw: calls.append(kw) or real(fn, **kw)
+    try:
+        got = m.resolve_slices_many(paths)
+    finally:
+        del m.txn
+    assert calls == [{"readonly": True}]
+    assert len(got) == len(paths)
+    for p, g in zip(paths, got):
+        if p == "/nope":
+            assert isinstance(g, FileNotFoundError)
+        elif p == "/d/f2/x":
+            assert isinstance(g, NotADirectoryError)
+        else:
+            assert g == m.resolve_slices(p), p
+    assert got[0][1] == [] and len(got[3][1][0]) == 4 and len(got[4][1]) == 3
+    (bad,) = m.resolve_slices_many(["relative"])
+    assert isinstance(bad, OSError) and bad.errno == errno.EINVAL
+    assert m.resolve_slices_many([]) == []
+
+
 def test_resolve_slices(m, meta_url):
     """Path, attributes and every chunk's slices in one call; the same answers (and errors) as
     resolve + read_chunk; another client's commit is seen by the next call."""

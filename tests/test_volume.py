@@ -246,6 +246,36 @@ def test_read_bytes_every_engine_and_store(any_vol):
         v.read_bytes("/small/x")
 
 
+def test_read_many(any_vol):
+    """read_many == read_bytes of each path, one metadata transaction; the first bad path
+    raises the error read_bytes raises for it."""
+    v = any_vol
+    v.makedirs("/a/b")
+    data = {f"/a/b/f{i}": pattern(1000 * i + 1, i) for i in range(6)}
+    data["/a/big"] = pattern(3 * MiB + 5, 9)
+    data["/a/empty"] = b""
+    for p, d in data.items():
+        v.write_bytes(p, d)
+    v.symlink("/a/b/f2", "/a/link")
+    data["/a/link"] = data["/a/b/f2"]
+    paths = list(data)
+    calls = []
+    real = v.meta.txn
+    v.meta.txn = lambda fn, **kw: calls.append(kw) or real(fn, **kw)
+    try:
+        got = v.read_many(paths)
+    finally:
+        del v.meta.txn
+    assert got == [data[p] for p in paths] and all(type(g) is bytes for g in got)
+    assert calls == [{"readonly": True}]
+    with pytest.raises(FileNotFoundError) as ei:
+        v.read_many(["/a/b/f1", "a/missing", "/a/b/f2"])
+    assert ei.value.filename == "a/missing"
+    with pytest.raises(IsADirectoryError):
+        v.read_many(["/a/b"])
+    assert v.read_many([]) == []
+
+
 def test_read_bytes_is_one_metadata_transaction(vol):
     vol.makedirs("/a/b")
     vol.write_bytes("/a/b/f", pattern(100_000))

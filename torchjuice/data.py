@@ -46,6 +46,7 @@ MANIFEST_FORMAT = "torchjuice-manifest"
 # and then the rest of the batch (and the next batches, while reads stay slow) are read on threads,
 # so that their latencies overlap.
 SLOW_READ = 0.001
+INLINE_GROUP = 8          # files read inline per metadata transaction (and per timing check)
 
 
 # -- error handlers (the webdataset convention: return True to go on, False to stop, or raise) -----
@@ -330,6 +331,17 @@ class JuiceDataset(Dataset):
         raw = (url, data) if self.with_url else data
         return (self.transform(raw) if self.transform is not None else raw), took
 
+    def _read_group(self, indices: list[int]) -> list:
+        """Items ``indices``, one metadata transaction for each volume's files among them."""
+        where = [self._vols.locate(self.urls[i]) for i in indices]
+        vol = where[0][0]
+        if any(v is not vol for v, _ in where):
+            return [self._read(i) for i in indices]
+        datas = vol.read_many([p for _, p in where])
+        if self.with_url:
+            datas = [(self.urls[i], d) for i, d in zip(indices, datas)]
+        return datas if self.transform is None else [self.transform(d) for d in datas]
+
     def __getitem__(self, i: int):
         return self._read(int(i))
 
@@ -338,14 +350,18 @@ class JuiceDataset(Dataset):
         fast; on ``io_threads`` threads, so that latencies overlap, once they are slow (see
         ``SLOW_READ``)."""
         indices = [int(i) for i in indices]
-        if len(indices) <= 1 or self.io_threads <= 1:
+        if len(indices) <= 1:
             return [self._read(i) for i in indices]
         out: list = []
-        if not self._threaded:
-            for i in indices:
-                item, took = self._timed_read(i)
-                out.append(item)
-                if took > SLOW_READ:
+        if not self._threaded or self.io_threads <= 1:
+            # inline, a few files per metadata transaction, while reads stay fast
+            pos = 0
+            while pos < len(indices):
+                group = indices[pos:pos + INLINE_GROUP]
+                t = time.perf_counter()
+                out += self._read_group(group)
+                pos += len(group)
+                if (time.perf_counter() - t) / len(group) > SLOW_READ and self.io_threads > 1:
                     self._threaded = True
                     break
             else:

@@ -17,7 +17,7 @@ import re
 import threading
 import uuid as _uuid
 import weakref
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .chunk.store import ChunkStore
 from .errors import (AlreadyFormattedError, ClosedVolumeError, InvalidURLError, NotFormattedError,
@@ -396,6 +396,22 @@ class Volume:
             except FileNotFoundError as e:
                 seen, missing = (attr, chunks), e
         raise missing
+
+    def read_many(self, paths: Sequence[str]) -> list[bytes]:
+        """:meth:`read_bytes` of every path, in order: one metadata transaction for them all (a
+        batch of small files, e.g. a DataLoader's), then each file's bytes. The first path that
+        fails raises, as ``read_bytes`` would (nothing is returned for the others)."""
+        found = self.meta.resolve_slices_many([self.norm(p) for p in paths])
+        out = []
+        for path, got in zip(paths, found):
+            if isinstance(got, OSError) or got[0].is_dir:
+                out.append(self.read_bytes(path))          # raises, naming the path
+                continue
+            try:
+                out.append(self._read_whole(*got))
+            except FileNotFoundError:                      # changed under us: look again
+                out.append(self.read_bytes(path))
+        return out
 
     def _read_whole(self, attr: Attr, chunks: list) -> bytes:
         n = attr.length

@@ -668,6 +668,32 @@ class BaseMeta(Meta):
         # One transaction instead of resolve + lookup + read_chunk per chunk (+ close_file): a
         # whole-file read of a small file costs one round trip of path walk (server-side on
         # Redis) and one batch of chunk lists.
+        return self.txn(self._resolve_slices_fn(path, follow), readonly=True)
+
+    def resolve_slices_many(self, paths: list[str]) -> list:
+        """:meth:`resolve_slices` of every path (symlinks followed), in one transaction: for each,
+        ``(attr, chunks)`` or the ``OSError`` it raised."""
+        fns = []
+        for p in paths:
+            try:
+                fns.append(self._resolve_slices_fn(p, True))
+            except OSError as e:
+                fns.append(e)
+
+        def fn(tx):
+            out: list = []
+            for f in fns:
+                if isinstance(f, OSError):
+                    out.append(f)
+                    continue
+                try:
+                    out.append(f(tx))
+                except OSError as e:
+                    out.append(e)
+            return out
+        return self.txn(fn, readonly=True)
+
+    def _resolve_slices_fn(self, path: str, follow: bool):
         names = self._path_names(path)
         plain = bool(names) and names[0] != TRASH_NAME and "." not in names and ".." not in names
 
@@ -686,7 +712,7 @@ class BaseMeta(Meta):
                                          else chunk0)]
             keys = self._chunk_keys(a.inode, a.length)
             return a, [unpack_slices(items) for items in tx.batch([("lrange", k) for k in keys])]
-        return self.txn(fn, readonly=True)
+        return fn
 
     def _resolve_tx(self, tx, names: list[str], follow: bool, path: str) -> Attr:
         stack = [ROOT_INODE]              # directories walked (physical), for '..'

@@ -246,6 +246,12 @@ class Meta(ABC):
         types. A fresh call sees every file closed before it (close-to-open)."""
 
     @abstractmethod
+    def resolve_slices_many(self, paths: list[str]) -> list:
+        """:meth:`resolve_slices` of each path (symlinks followed) in one read transaction: a list
+        with, for each path, ``(attr, chunks)`` or the ``OSError`` that path raised (a batch of
+        small files costs one transaction, not one each)."""
+
+    @abstractmethod
     def write_chunk(self, inode: int, index: int, slice_: Slice, mtime: float | None = None) -> Attr:
         """Append ``slice_`` to chunk ``index``; the length grows to cover it."""
 

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import threading
 
-from .base import BaseMeta, KVTx, backoff, redact
+from .base import ROOT_INODE, BaseMeta, KVTx, backoff, redact
 
 _DDL_SQLITE = [
     "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID",
@@ -274,9 +274,11 @@ class SQLMeta(BaseMeta):
     # as the generic walk would produce it (a symlink costs one more read for its target).
     _walk_sql: dict
 
-    def _walk_statement(self, depth: int) -> str:
+    def _walk_statement(self, depth: int, chunk0: bool = False) -> str:
+        """The walk of ``depth`` names; ``chunk0``: one row per slice of the last inode's chunk 0
+        (in order; one row with NULL when it has none), its value in an extra last column."""
         cache = self.__dict__.setdefault("_walk_sql", {})
-        sql = cache.get(depth)
+        sql = cache.get((depth, chunk0))
         if sql is None:
             digits = ("convert_from(substr({}.v, 2), 'UTF8')" if self._pg else "substr({}.v, 2)")
             mark = "%s" if self._pg else "?"
@@ -286,7 +288,11 @@ class SQLMeta(BaseMeta):
                 parts.append(f"LEFT JOIN hkv e{i} ON e{i}.k = 'd' || {digits.format(f'e{i - 1}')} "
                              f"AND e{i}.f = {mark}")
             parts.append(f"LEFT JOIN kv a ON a.k = 'i' || {digits.format(f'e{depth - 1}')}")
-            sql = cache[depth] = " ".join(parts)
+            if chunk0:
+                parts[0] = parts[0].replace(", a.v FROM", ", a.v, c.v FROM", 1)
+                parts.append(f"LEFT JOIN lkv c ON c.k = 'c' || {digits.format(f'e{depth - 1}')} "
+                             "|| '_0' ORDER BY c.id")
+            sql = cache[(depth, chunk0)] = " ".join(parts)
         return sql
 
     def _walk(self, tx, start: int, names: list[str]):
@@ -298,6 +304,19 @@ class SQLMeta(BaseMeta):
         return self._walk_entries(tx, len(names),
                                   lambda i, cur: None if row[i] is None else bytes(row[i]),
                                   lambda ino: last_attr)
+
+    def _walk_file(self, tx, names: list[str]):
+        # the walk and chunk 0's slices in one statement (a small file's whole read: one SELECT)
+        if not names or not isinstance(tx, _SQLTx):
+            return super()._walk_file(tx, names)
+        enc = [n.encode("utf-8", "surrogateescape") for n in names]
+        rows = tx._x(self._walk_statement(len(names), True), [f"d{ROOT_INODE}", *enc]).fetchall()
+        row = rows[0]
+        last_attr = None if row[-2] is None else bytes(row[-2])
+        walked = self._walk_entries(tx, len(names),
+                                    lambda i, cur: None if row[i] is None else bytes(row[i]),
+                                    lambda ino: last_attr)
+        return (*walked, [bytes(r[-1]) for r in rows if r[-1] is not None])
 
     # -- transactions -----------------------------------------------------------------------------
     def _retryable(self, e: BaseException) -> bool:

@@ -121,10 +121,10 @@ class DiskCache:
 
     # -- paths -------------------------------------------------------------------------------------
     def path(self, key: str) -> str:
-        return os.path.join(self.raw, key)
+        return f"{self.raw}/{key}" if os.sep == "/" else os.path.join(self.raw, key)
 
     def staged_path(self, key: str) -> str:
-        return os.path.join(self.staging, key)
+        return f"{self.staging}/{key}" if os.sep == "/" else os.path.join(self.staging, key)
 
     def _ensure_dir(self, d: str) -> None:
         if d not in self._dirs:
@@ -151,24 +151,47 @@ class DiskCache:
     def read_bytes(self, key: str, bsize: int) -> bytes:
         """The whole cached block as a new ``bytes`` object, verified: the kernel copies the
         block straight into the object ``os.pread`` returns (no buffer in between), then one
-        hash. Raises CacheMiss like :meth:`read_into`."""
-        entry = self._acquire(key)
-        try:
+        hash. Raises CacheMiss like :meth:`read_into`. A block read whole is usually read once
+        (a small file), so its fd is not kept: opened, read, closed."""
+        with self._fdlock:
+            entry = self._fds.get(key)
+            if entry is not None:
+                entry[2] += 1
+        own = None                                  # an fd of our own, not in the LRU
+        if entry is None:
+            path = self.path(key)
+            try:
+                own = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                entry = self._acquire(key)          # staged, or a miss
+        if own is None:
             fd, path = entry[0], entry[1]
-            nseg = _segments(bsize)
-            tail = os.pread(fd, trailer_size(bsize), bsize)
-            self._check_footer(path, tail, nseg)
-            data = os.pread(fd, bsize, 0)
-            if len(data) != bsize:
-                self._drop(path, "short read")
-            if xxhash.xxh3_64_digest(data) != tail[nseg * 8: nseg * 8 + 8]:
-                self._drop(path, "checksum mismatch")
+        else:
+            fd = own
+        try:
+            data = self._read_whole_verified(fd, path, bsize)
         except CacheMiss:
-            self._release(key, entry, forget=True)
+            if own is None:
+                self._release(key, entry, forget=True)
             raise
-        self._release(key, entry)
+        finally:
+            if own is not None:
+                os.close(own)
+        if own is None:
+            self._release(key, entry)
         self.hits += 1
         self.hit_bytes += bsize
+        return data
+
+    def _read_whole_verified(self, fd: int, path: str, bsize: int) -> bytes:
+        nseg = _segments(bsize)
+        tail = os.pread(fd, trailer_size(bsize), bsize)
+        self._check_footer(path, tail, nseg)
+        data = os.pread(fd, bsize, 0)
+        if len(data) != bsize:
+            self._drop(path, "short read")
+        if xxhash.xxh3_64_digest(data) != tail[nseg * 8: nseg * 8 + 8]:
+            self._drop(path, "checksum mismatch")
         return data
 
     # Open files: a small LRU of read-only fds, because opening a file deep in the cache tree

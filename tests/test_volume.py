@@ -246,6 +246,38 @@ def test_read_bytes_every_engine_and_store(any_vol):
         v.read_bytes("/small/x")
 
 
+def test_norm_every_spelling(vol):
+    """norm's fast path (a path already normal) and its slow path agree with a reference on
+    random spellings; '..' above the root is refused."""
+    import random
+    from torchjuice.errors import PathEscapeError
+
+    def reference(path):
+        parts = []
+        for p in path.split("/"):
+            if p in ("", "."):
+                continue
+            if p == "..":
+                if not parts:
+                    return None
+                parts.pop()
+            else:
+                parts.append(p)
+        return "/" + "/".join(parts)
+    rng = random.Random(7)
+    names = ["a", "b.c", ".h", "...", "..", ".", "", "x.", "é"]
+    for _ in range(3000):
+        path = rng.choice(["", "/"]) + "/".join(rng.choice(names) for _ in range(rng.randint(0, 5)))
+        want = reference(path)
+        if want is None:
+            with pytest.raises(PathEscapeError):
+                vol.norm(path)
+        else:
+            assert vol.norm(path) == want, path
+    with pytest.raises(OSError):
+        vol.norm("/a\0b")
+
+
 def test_read_many(any_vol):
     """read_many == read_bytes of each path, one metadata transaction; the first bad path
     raises the error read_bytes raises for it."""

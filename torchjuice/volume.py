@@ -279,6 +279,9 @@ class Volume:
             path = os.fspath(path)
         if not isinstance(path, str):
             raise TypeError(f"path must be str, not {type(path).__name__}")
+        if path[:1] == "/" and path[-1:] != "/" and "//" not in path and "/." not in path \
+                and "\0" not in path:
+            return path                   # already normal (the common case: a dataset's paths)
         if "\0" in path:
             raise oserror(errno.EINVAL, path, "NUL in path")
         parts: list[str] = []

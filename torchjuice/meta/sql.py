@@ -295,27 +295,27 @@ class SQLMeta(BaseMeta):
             sql = cache[(depth, chunk0)] = " ".join(parts)
         return sql
 
+    def _walk_rows(self, tx, start: int, names: list[str], chunk0: bool):
+        """The walk in one statement: ``(walk result, rows)`` (see :meth:`_walk_statement`)."""
+        enc = [n.encode("utf-8", "surrogateescape") for n in names]
+        rows = tx._x(self._walk_statement(len(names), chunk0), [f"d{start}", *enc]).fetchall()
+        row = rows[0]
+        raw = row[-2] if chunk0 else row[-1]
+        last_attr = None if raw is None else bytes(raw)
+        return self._walk_entries(tx, len(names),
+                                  lambda i, cur: None if row[i] is None else bytes(row[i]),
+                                  lambda ino: last_attr), rows
+
     def _walk(self, tx, start: int, names: list[str]):
         if not names or not isinstance(tx, _SQLTx):
             return super()._walk(tx, start, names)
-        enc = [n.encode("utf-8", "surrogateescape") for n in names]
-        row = tx._x(self._walk_statement(len(names)), [f"d{start}", *enc]).fetchone()
-        last_attr = None if row[-1] is None else bytes(row[-1])
-        return self._walk_entries(tx, len(names),
-                                  lambda i, cur: None if row[i] is None else bytes(row[i]),
-                                  lambda ino: last_attr)
+        return self._walk_rows(tx, start, names, False)[0]
 
     def _walk_file(self, tx, names: list[str]):
         # the walk and chunk 0's slices in one statement (a small file's whole read: one SELECT)
         if not names or not isinstance(tx, _SQLTx):
             return super()._walk_file(tx, names)
-        enc = [n.encode("utf-8", "surrogateescape") for n in names]
-        rows = tx._x(self._walk_statement(len(names), True), [f"d{ROOT_INODE}", *enc]).fetchall()
-        row = rows[0]
-        last_attr = None if row[-2] is None else bytes(row[-2])
-        walked = self._walk_entries(tx, len(names),
-                                    lambda i, cur: None if row[i] is None else bytes(row[i]),
-                                    lambda ino: last_attr)
+        walked, rows = self._walk_rows(tx, ROOT_INODE, names, True)
         return (*walked, [bytes(r[-1]) for r in rows if r[-1] is not None])
 
     # -- transactions -----------------------------------------------------------------------------

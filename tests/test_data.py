@@ -236,6 +236,10 @@ def test_prefetcher_reads_fast_files_inline_and_keeps_order(vol, monkeypatch):
     units[80:81] = [_Unit(80, f"juice://{VOL}/p/big", 0, 4096, False),
                     _Unit(80, f"juice://{VOL}/p/big", 4096, -1, True)]
     monkeypatch.setattr(data_mod, "SLOW_READ", 60.0)
+    from torchjuice.volume import Volume
+    groups, real_many = [], Volume.read_many
+    monkeypatch.setattr(Volume, "read_many",
+                        lambda self, paths: groups.append(len(paths)) or real_many(self, paths))
     r = Prefetcher(_Volumes(), units, threads=4, max_units=8)
     modes, out = [], []
     for u, data in r:
@@ -247,6 +251,7 @@ def test_prefetcher_reads_fast_files_inline_and_keeps_order(vol, monkeypatch):
     assert [int(d) for i, d in enumerate(out) if i not in (70, 80, 81)] == \
         [i for i in range(100) if i not in (70, 80)]
     assert any(modes[:60]) and not all(modes)                  # inline once fast, pool around the window
+    assert groups and max(groups) == data_mod.INLINE_GROUP      # inline: a transaction per group
     monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)
     r = Prefetcher(_Volumes(), units[:60], threads=4, max_units=8)
     assert [int(d) for _, d in r] == list(range(60)) and not r._inline

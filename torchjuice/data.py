@@ -714,8 +714,9 @@ class Prefetcher:
     ``data`` is the exception when a read failed. Only the Volume API is used (one open per unit).
 
     Whole files that keep arriving fast (served locally: see ``SLOW_READ``) are read inline in the
-    consumer's thread instead, where a thread hand-off would cost as much as the read; the first
-    slow one (or a shard window) switches back to reading ahead on the pool."""
+    consumer's thread instead, where a thread hand-off would cost as much as the read,
+    ``INLINE_GROUP`` per metadata transaction; a slow group (or a shard window) switches back to
+    reading ahead on the pool."""
 
     FAST_RUN = 32            # this many fast whole-file reads in a row: read inline
 
@@ -733,6 +734,7 @@ class Prefetcher:
         self._done = False
         self._inline = False
         self._fast = 0                       # fast whole-file reads in a row
+        self._ready: collections.deque = collections.deque()   # read inline, not handed out yet
         self._fill()
 
     def recycle(self, buf) -> None:
@@ -798,23 +800,50 @@ class Prefetcher:
     def __iter__(self):
         return self
 
+    def _read_group(self, units: list[_Unit]) -> list[tuple]:
+        """``(unit, data or exception)`` for whole files ``units``: one metadata transaction for
+        them all when they are on one volume (``Volume.read_many``); one by one if any fails, so
+        each gets its own result."""
+        try:
+            where = [self._vols.locate(u.url) for u in units]
+            vol = where[0][0]
+            if len(units) > 1 and all(v is vol for v, _ in where):
+                return list(zip(units, vol.read_many([p for _, p in where])))
+        except Exception:
+            pass
+        out: list[tuple] = []
+        for u in units:
+            try:
+                out.append((u, self._read(u)))
+            except BaseException as e:          # handed to the consumer, raised there
+                out.append((u, e))
+        return out
+
     def __next__(self):
+        if self._ready:
+            return self._ready.popleft()
         if not self._pending:
             if not self._inline:
                 raise StopIteration
-            u = self._next_unit()
-            if u is None:
-                raise StopIteration
-            if u.offset == 0 and u.length < 0:
-                try:
-                    data, took = self._timed_read(u)
-                except BaseException as e:      # handed to the consumer, raised there
-                    return u, e
-                if took > SLOW_READ:            # remote again: read ahead on the pool
-                    self._inline, self._fast = False, 0
+            units: list[_Unit] = []
+            while len(units) < INLINE_GROUP:
+                u = self._next_unit()
+                if u is None:
+                    break
+                if u.offset != 0 or u.length >= 0:      # a shard window: back to the pool
+                    self._peeked = u
+                    break
+                units.append(u)
+            if units:
+                t = time.perf_counter()
+                self._ready.extend(self._read_group(units))
+                if (time.perf_counter() - t) / len(units) > SLOW_READ:
+                    self._inline, self._fast = False, 0  # remote again: read ahead on the pool
                     self._fill()
-                return u, data
-            self._peeked, self._inline, self._fast = u, False, 0     # a shard window
+                return self._ready.popleft()
+            if self._peeked is None:
+                raise StopIteration
+            self._inline, self._fast = False, 0
             self._fill()
         u, fut = self._pending.popleft()
         self._bytes -= self._estimate(u)
@@ -831,6 +860,7 @@ class Prefetcher:
 
     def close(self) -> None:
         self._done = True
+        self._ready.clear()
         self._pending.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
 

@@ -249,20 +249,6 @@ def child(args: dict) -> dict:
     return out
 
 
-def rewarm(paths: list[str]) -> None:
-    """Read every file under ``paths`` once, so that a warm run finds them in the page cache. Done
-    right before each warm run: this VM reclaims page cache it sees unused for a while (DAMON),
-    even with most of its memory free, so a file warmed minutes earlier may be partly on disk."""
-    buf = bytearray(8 * MiB)
-    for top in paths:
-        files = [top] if os.path.isfile(top) else [
-            os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
-        for path in files:
-            with open(path, "rb", buffering=0) as f:
-                while f.readinto(buf):
-                    pass
-
-
 def run_child(args: dict, env: dict | None = None) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_models", "--child", json.dumps(args)]
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
@@ -294,7 +280,7 @@ def main() -> None:
     from torchjuice.cli.main import parse_size
     from torchjuice.models import LOCAL_THREADS, THREADS
     from torchjuice.testing import S3Server, ServerUnavailable
-    from .common import fmt_table, machine, write_results
+    from .common import fmt_table, machine, rewarm, write_results
 
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))     # stop the S3 server, remove files

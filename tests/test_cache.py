@@ -160,6 +160,36 @@ def test_block_bigger_than_the_cache_is_served_uncached(setup):
     assert cache_files(vol) == [] and vol.metrics()["cache_skipped"] >= 1
 
 
+@pytest.mark.parametrize("mode", ["skip", "wait"])
+def test_cache_fill_behind_skips_or_waits(setup, monkeypatch, mode):
+    """A slow disk under the cache: in "skip" mode (the default) blocks the filler is too far
+    behind for are not cached; in "wait" mode the reads wait and every block is cached; either
+    way the data is right."""
+    import torchjuice.chunk.disk as disk
+    _, client, _ = setup
+    data = data_of(12 * MiB, 6)
+    client(cache=None).write_bytes("/f", data)
+    vol = client()
+    vol.chunks.cache_fill_buffer = 2 * MiB                # two blocks behind at most
+    assert vol.cache_fill == "skip"
+    vol.cache_fill = mode
+    real_put = disk.DiskCache.put
+
+    def slow_put(self, *a, **kw):
+        time.sleep(0.05)
+        return real_put(self, *a, **kw)
+    monkeypatch.setattr(disk.DiskCache, "put", slow_put)
+    assert vol.read_bytes("/f") == data
+    vol.chunks.drain_cache_fill()
+    skipped = vol.metrics()["cache_skipped"]
+    if mode == "skip":
+        assert skipped > 0 and len(cache_files(vol)) == 12 - skipped
+    else:
+        assert skipped == 0 and len(cache_files(vol)) == 12
+    with pytest.raises(ValueError):
+        vol.cache_fill = "sometimes"
+
+
 def test_full_disk_while_caching_still_serves_the_data(setup, monkeypatch):
     import errno
     _, client, _ = setup

@@ -211,6 +211,8 @@ def test_batch_reads_inline_while_fast_on_threads_while_slow(vol, monkeypatch):
         del meta.txn
     # inline: INLINE_GROUP files per metadata transaction
     assert len(txns) == -(-len(batch) // data_mod.INLINE_GROUP)
+    # read epoch after epoch: a cold pass waits for the cache fill rather than skip blocks
+    assert ds._vols.get(VOL).cache_fill == "wait"
     monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)           # every read is "slow" now
     assert ds.__getitems__(batch) == batch and ds._pool is not None and ds._threaded
     assert ds.__getitems__(batch) == batch and ds._threaded

@@ -166,6 +166,9 @@ class _Volumes:
         vol = self._vols.get(name)
         if vol is None or vol.closed:
             vol = self._vols[name] = volume_for(name, self.resolve(name))
+            # a dataset is read epoch after epoch: a cold pass waits for the local cache to take
+            # every block rather than leave some uncached for the next epoch to fetch again
+            vol.cache_fill = "wait"
             if get_worker_info() is not None:
                 # a DataLoader worker ends without running atexit: close the volume from
                 # multiprocessing's exit hook, so that its session ends and the blocks queued for

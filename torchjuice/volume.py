@@ -618,6 +618,21 @@ class Volume:
         used, inodes = self.meta.statfs()
         return {"used_bytes": used, "used_inodes": inodes}
 
+    @property
+    def cache_fill(self) -> str:
+        """What a read does when the local disk cache's background fill is behind (more than its
+        buffer, 64 MiB, waiting to be written): ``"skip"`` (the default: the block is not cached
+        this time, so a single pass is never slowed by the cache) or ``"wait"`` (the read waits
+        for room, 5 s at most: a pass that will be read again, such as a DataLoader's epochs,
+        runs at the speed the cache fills and leaves it whole). The datasets set ``"wait"``."""
+        return self.chunks.cache_fill
+
+    @cache_fill.setter
+    def cache_fill(self, mode: str) -> None:
+        if mode not in ("skip", "wait"):
+            raise ValueError(f"cache_fill must be 'skip' or 'wait', not {mode!r}")
+        self.chunks.cache_fill = mode
+
     def metrics(self) -> dict:
         """Counters of this client: object GET/PUT counts, bytes and seconds, memory-buffer and
         disk-cache hits and misses, prefetches, cache usage."""

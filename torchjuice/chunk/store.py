@@ -53,6 +53,7 @@ FILL_NICE = 10
 # cold reader drops from ~0.95x to ~0.80-0.85x of raw GETs. One it is; on a machine whose CPU is
 # not shared with the S3 server, two would cost the reader little.
 FILL_THREADS = 1
+FILL_WAIT_MAX = 5.0             # cache_fill="wait": how long a read waits for the filler at most
 COPY_NOGIL_MIN = 256 << 10      # copies at least this big run with the GIL released
 
 
@@ -108,6 +109,11 @@ class ChunkStore:
         self.writeback = writeback
         self.cache_fill_buffer = cache_fill_buffer
         self.cache_fill_direct = cache_fill_buffer // 4
+        # what a read does when the filler is `cache_fill_buffer` behind: "skip" (the block is not
+        # cached this time; a single pass is not slowed) or "wait" (for room, at most
+        # FILL_WAIT_MAX seconds: a pass that will be read again -- a DataLoader's epochs -- runs
+        # at the speed the cache fills and leaves it whole)
+        self.cache_fill = "skip"
         if writeback and cache is None:
             raise ValueError("write-back needs a disk cache (cache_dir)")
         self.metrics = Metrics()
@@ -133,6 +139,7 @@ class ChunkStore:
         self._stop = threading.Event()
         self._fill: queue.Queue | None = None       # blocks waiting to be written to the cache
         self._fill_bytes = 0
+        self._fill_room = threading.Condition(self._lock)   # a filler wrote a block
 
     def _pool(self, kind: str) -> ThreadPoolExecutor:
         with self._lock:
@@ -377,6 +384,12 @@ class ChunkStore:
         n = len(data)
         holder = data if owner is None else owner
         with self._lock:
+            if self._fill_bytes + n > self.cache_fill_buffer and self.cache_fill == "wait":
+                deadline = time.monotonic() + FILL_WAIT_MAX
+                while self._fill_bytes and self._fill_bytes + n > self.cache_fill_buffer and \
+                        self._fill is not None and self._fill_room.wait(
+                            max(0.0, deadline - time.monotonic())):
+                    pass
             if self._fill_bytes + n > self.cache_fill_buffer:
                 self.cache.skipped += 1
                 return
@@ -401,12 +414,15 @@ class ChunkStore:
                 return
             key, data, holder = item
             try:
-                # keeping up: through the page cache (later reads copy out of it fastest);
-                # falling behind: O_DIRECT, a fraction of the CPU (see DiskCache._write_block)
-                self.cache.put(key, data, direct=self._fill_bytes > self.cache_fill_direct)
+                # keeping up, or reads wait for us: through the page cache (later reads copy
+                # out of it fastest); falling behind: O_DIRECT, a fraction of the CPU (see
+                # DiskCache._write_block)
+                self.cache.put(key, data, direct=self.cache_fill == "skip" and
+                               self._fill_bytes > self.cache_fill_direct)
             finally:
                 with self._lock:
                     self._fill_bytes -= len(data)
+                    self._fill_room.notify_all()
                 self._unpin(None, holder)
                 q.task_done()
 

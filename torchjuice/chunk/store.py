@@ -225,7 +225,7 @@ class ChunkStore:
             key = self.key(sid, index, n)
             self._put(key, data)
             if self.cache_writes:
-                self._cache_later(key, data, owner)
+                self._cache_later(key, data, owner, may_wait=False)   # "wait" is for reads
         finally:
             self._release(n)
             if owner is not None:
@@ -379,17 +379,20 @@ class ChunkStore:
     # `cache_fill_buffer` bytes, the block is not cached this time (counted in cache_skipped;
     # `warmup` fills synchronously).
 
-    def _cache_later(self, key: str, data, owner=None) -> None:
-        """Queue a block for the disk cache; ``owner`` is the reusable buffer behind ``data``."""
+    def _cache_later(self, key: str, data, owner=None, may_wait: bool = True) -> None:
+        """Queue a block for the disk cache; ``owner`` is the reusable buffer behind ``data``.
+        ``may_wait``: a read's block, which waits for room in "wait" mode (see cache_fill)."""
         n = len(data)
         holder = data if owner is None else owner
         with self._lock:
-            if self._fill_bytes + n > self.cache_fill_buffer and self.cache_fill == "wait":
+            if self._fill_bytes + n > self.cache_fill_buffer and may_wait and \
+                    self.cache_fill == "wait":
                 deadline = time.monotonic() + FILL_WAIT_MAX
-                while self._fill_bytes and self._fill_bytes + n > self.cache_fill_buffer and \
-                        self._fill is not None and self._fill_room.wait(
-                            max(0.0, deadline - time.monotonic())):
-                    pass
+                while self._fill_bytes and self._fill_bytes + n > self.cache_fill_buffer:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or self._fill is None:
+                        break                           # a stuck disk: skip, as "skip" would
+                    self._fill_room.wait(left)
             if self._fill_bytes + n > self.cache_fill_buffer:
                 self.cache.skipped += 1
                 return

@@ -180,6 +180,17 @@ class _Volumes:
         name, path = split_url(url)
         return self.get(name), path
 
+    def read_many(self, urls: Sequence[str]) -> list[bytes]:
+        """Whole files, as ``read_bytes``: one metadata transaction for them all when they are
+        on one volume (``Volume.read_many``). The first that fails raises."""
+        if not urls:
+            return []
+        where = [self.locate(u) for u in urls]
+        vol = where[0][0]
+        if all(v is vol for v, _ in where):
+            return vol.read_many([p for _, p in where])
+        return [v.read_bytes(p) for v, p in where]
+
 
 def list_files(url: str, meta: str | None = None) -> list[tuple[str, int]]:
     """``(url, size)`` of every regular file under ``url`` (a directory, walked recursively, or a
@@ -335,12 +346,8 @@ class JuiceDataset(Dataset):
         return (self.transform(raw) if self.transform is not None else raw), took
 
     def _read_group(self, indices: list[int]) -> list:
-        """Items ``indices``, one metadata transaction for each volume's files among them."""
-        where = [self._vols.locate(self.urls[i]) for i in indices]
-        vol = where[0][0]
-        if any(v is not vol for v, _ in where):
-            return [self._read(i) for i in indices]
-        datas = vol.read_many([p for _, p in where])
+        """Items ``indices``, their files read with one metadata transaction."""
+        datas = self._vols.read_many([self.urls[i] for i in indices])
         if self.with_url:
             datas = [(self.urls[i], d) for i, d in zip(indices, datas)]
         return datas if self.transform is None else [self.transform(d) for d in datas]
@@ -808,10 +815,7 @@ class Prefetcher:
         them all when they are on one volume (``Volume.read_many``); one by one if any fails, so
         each gets its own result."""
         try:
-            where = [self._vols.locate(u.url) for u in units]
-            vol = where[0][0]
-            if len(units) > 1 and all(v is vol for v, _ in where):
-                return list(zip(units, vol.read_many([p for _, p in where])))
+            return list(zip(units, self._vols.read_many([u.url for u in units])))
         except Exception:
             pass
         out: list[tuple] = []

@@ -285,7 +285,8 @@ class DiskCache:
         raise CacheMiss(path)
 
     # -- writes ------------------------------------------------------------------------------------
-    def put(self, key: str, data, staged: bool = False, direct: bool = True) -> bool:
+    def put(self, key: str, data, staged: bool = False, direct: bool = True,
+            keep: bool = False) -> bool:
         """Store a whole block (atomically). Returns False when it was not cached: no room under
         the cap or the free-space floor, or the disk is full. Never raises for a full disk (a
         staged write-back block does raise: it is the only copy). ``direct=False``: through the
@@ -305,7 +306,7 @@ class DiskCache:
             return False
         try:
             try:
-                self._write_block(fd, data, direct)
+                self._write_block(fd, data, direct, keep)
                 if staged:
                     os.fsync(fd)          # write-back data is the only copy until uploaded
             finally:
@@ -332,7 +333,7 @@ class DiskCache:
     # without slowing the reader it runs beside. The unaligned tail and the trailer are written
     # the ordinary way. File systems without O_DIRECT (tmpfs) get ordinary writes.
 
-    def _write_block(self, fd: int, data, direct: bool = True) -> None:
+    def _write_block(self, fd: int, data, direct: bool = True, keep: bool = False) -> None:
         view = memoryview(data)
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
@@ -341,6 +342,8 @@ class DiskCache:
         aligned = n - n % _ALIGN
         if direct and aligned >= DIRECT_MIN and self._direct is not False:
             done = self._write_direct(fd, view[:aligned])
+            if done and keep:       # read back into the page cache by the kernel, no copy here
+                os.posix_fadvise(fd, 0, done, os.POSIX_FADV_WILLNEED)
         while done < n:
             done += os.pwrite(fd, view[done:], done)
         os.pwrite(fd, trailer(view), n)

@@ -285,8 +285,7 @@ class DiskCache:
         raise CacheMiss(path)
 
     # -- writes ------------------------------------------------------------------------------------
-    def put(self, key: str, data, staged: bool = False, direct: bool = True,
-            keep: bool = False) -> bool:
+    def put(self, key: str, data, staged: bool = False, direct: bool = True) -> bool:
         """Store a whole block (atomically). Returns False when it was not cached: no room under
         the cap or the free-space floor, or the disk is full. Never raises for a full disk (a
         staged write-back block does raise: it is the only copy). ``direct=False``: through the
@@ -306,7 +305,7 @@ class DiskCache:
             return False
         try:
             try:
-                self._write_block(fd, data, direct, keep)
+                self._write_block(fd, data, direct)
                 if staged:
                     os.fsync(fd)          # write-back data is the only copy until uploaded
             finally:
@@ -333,7 +332,7 @@ class DiskCache:
     # without slowing the reader it runs beside. The unaligned tail and the trailer are written
     # the ordinary way. File systems without O_DIRECT (tmpfs) get ordinary writes.
 
-    def _write_block(self, fd: int, data, direct: bool = True, keep: bool = False) -> None:
+    def _write_block(self, fd: int, data, direct: bool = True) -> None:
         view = memoryview(data)
         if view.ndim != 1 or view.format != "B":
             view = view.cast("B")
@@ -342,8 +341,6 @@ class DiskCache:
         aligned = n - n % _ALIGN
         if direct and aligned >= DIRECT_MIN and self._direct is not False:
             done = self._write_direct(fd, view[:aligned])
-            if done and keep:       # read back into the page cache by the kernel, no copy here
-                os.posix_fadvise(fd, 0, done, os.POSIX_FADV_WILLNEED)
         while done < n:
             done += os.pwrite(fd, view[done:], done)
         os.pwrite(fd, trailer(view), n)

@@ -420,8 +420,8 @@ class ChunkStore:
                 # keeping up, or reads wait for us: through the page cache (later reads copy
                 # out of it fastest); falling behind: O_DIRECT, a fraction of the CPU (see
                 # DiskCache._write_block)
-                self.cache.put(key, data, direct=self._fill_bytes > self.cache_fill_direct,
-                               keep=self.cache_fill == "wait")
+                self.cache.put(key, data, direct=self.cache_fill == "skip" and
+                               self._fill_bytes > self.cache_fill_direct)
             finally:
                 with self._lock:
                     self._fill_bytes -= len(data)

@@ -186,6 +186,10 @@ def test_cache_fill_behind_skips_or_waits(setup, monkeypatch, mode):
         assert skipped > 0 and len(cache_files(vol)) == 12 - skipped
     else:
         assert skipped == 0 and len(cache_files(vol)) == 12
+        # read again: every block is a verified cache hit
+        gets, corrupt = vol.metrics()["get_count"], vol.metrics()["cache_corrupt"]
+        assert vol.read_bytes("/f") == data
+        assert vol.metrics()["get_count"] == gets and vol.metrics()["cache_corrupt"] == corrupt
     with pytest.raises(ValueError):
         vol.cache_fill = "sometimes"
 

@@ -715,9 +715,10 @@ class Volume:
 
         ``verify=False``: the disk cache's files are not checked here; each piece gets a fifth
         element, ``check``: None where nothing needs checking (a piece not local; a store's own
-        object, whose size the caller checks on the file it opens: it may be short or gone), else an object whose ``check(view, local_offset)`` verifies the bytes the caller
-        holds of that file -- hashed in place, e.g. through the caller's mapping of it, so nothing
-        is read twice -- and returns False (the file dropped as corrupt: read the piece as usual,
+        object, whose size the caller checks on the file it opens: it may be short or gone),
+        else an object whose ``check(view, local_offset)`` verifies the bytes the caller holds of
+        that file -- hashed in place, e.g. through the caller's mapping of it, so nothing is read
+        twice -- and returns False (the file dropped as corrupt: read the piece as usual,
         which fetches it again) when they are not the block's. Until it said True, they are not
         to be used."""
         from .vfs.reader import merge_slices

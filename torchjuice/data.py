@@ -342,15 +342,16 @@ class JuiceDataset(Dataset):
         t = time.perf_counter()
         data = vol.read_bytes(path)
         took = time.perf_counter() - t
+        return self._item(url, data), took
+
+    def _item(self, url: str, data: bytes):
         raw = (url, data) if self.with_url else data
-        return (self.transform(raw) if self.transform is not None else raw), took
+        return self.transform(raw) if self.transform is not None else raw
 
     def _read_group(self, indices: list[int]) -> list:
         """Items ``indices``, their files read with one metadata transaction."""
-        datas = self._vols.read_many([self.urls[i] for i in indices])
-        if self.with_url:
-            datas = [(self.urls[i], d) for i, d in zip(indices, datas)]
-        return datas if self.transform is None else [self.transform(d) for d in datas]
+        urls = [self.urls[i] for i in indices]
+        return [self._item(u, d) for u, d in zip(urls, self._vols.read_many(urls))]
 
     def __getitem__(self, i: int):
         return self._read(int(i))

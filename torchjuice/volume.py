@@ -734,7 +734,7 @@ class Volume:
         if not self.chunks.has_local_blocks():
             return [(offset, end - offset, None, 0) + (() if verify else (None,))]
         bs = self.chunks.block_size
-        raw: list[tuple[int, int, int, int, int, int]] = []    # (foff, n, sid, index, bsize, boff)
+        raw: list[tuple[int, int, str | None, int, int]] = []  # (foff, n, block key, bsize, boff)
         for index in range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1):
             base = index * CHUNK_SIZE
             lo, hi = max(offset, base) - base, min(end, base + CHUNK_SIZE) - base
@@ -745,32 +745,31 @@ class Volume:
                 if start >= hi:
                     break
                 if start > pos:
-                    raw.append((base + pos, start - pos, 0, 0, 0, 0))
+                    raw.append((base + pos, start - pos, None, 0, 0))
                     pos = start
                 upto = min(stop, hi)
                 if sid == 0:
-                    raw.append((base + pos, upto - pos, 0, 0, 0, 0))
+                    raw.append((base + pos, upto - pos, None, 0, 0))
                 else:
                     so = soff + (pos - start)           # slice-object offset of pos
                     while pos < upto:
                         bi, boff = divmod(so, bs)
                         bsize = min(bs, size - bi * bs)
                         n = min(bsize - boff, upto - pos)
-                        raw.append((base + pos, n, sid, bi, bsize, boff))
+                        raw.append((base + pos, n, self.chunks.key(sid, bi, bsize), bsize, boff))
                         pos += n
                         so += n
                 pos = upto
             if pos < hi:
-                raw.append((base + pos, hi - pos, 0, 0, 0, 0))
-        keys = list(dict.fromkeys((self.chunks.key(sid, bi, bsize), bsize)
-                                  for _, _, sid, bi, bsize, _ in raw if sid))
+                raw.append((base + pos, hi - pos, None, 0, 0))
+        keys = list(dict.fromkeys((key, bsize) for _, _, key, bsize, _ in raw if key))
         where = dict(zip((k for k, _ in keys), self.chunks.local_blocks(keys, verify=verify)))
         if verify:
-            return [(foff, n, where[self.chunks.key(sid, bi, bsize)] if sid else None, boff)
-                    for foff, n, sid, bi, bsize, boff in raw]
+            return [(foff, n, where[key] if key else None, boff)
+                    for foff, n, key, _, boff in raw]
         out = []
-        for foff, n, sid, bi, bsize, boff in raw:
-            got = where[self.chunks.key(sid, bi, bsize)] if sid else None
+        for foff, n, key, _, boff in raw:
+            got = where[key] if key else None
             out.append((foff, n, got[0], boff, got[1]) if got else (foff, n, None, boff, None))
         return out
 

@@ -669,8 +669,8 @@ class ChunkStore:
             return found
         out = [None if f is None else f[0] for f in found]
         todo = [i for i, f in enumerate(found) if f is not None and f[1] is not None]
-        if len(todo) == 1:
-            good = [found[todo[0]][1].check_file()]
+        if len(todo) <= 1:
+            good = [found[i][1].check_file() for i in todo]
         else:
             good = list(self._pool("down").map(lambda i: found[i][1].check_file(), todo))
         for i, ok in zip(todo, good):

@@ -19,37 +19,17 @@ import redis.exceptions as rexc
 from .base import BaseMeta, KVTx, backoff, redact
 from .interface import ROOT_INODE, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK
 
+# BaseMeta._walk server-side, in one call: ARGV = start inode, "1" to also return the slices of
+# chunk 0 when the walk ends on a regular file (a whole-file read's metadata: _walk_file), then
+# the names. Returns {code, idx, inos, attr, symlink target, chunk-0 slices}.
 _WALK_LUA = """
 local cur = ARGV[1]
-local n = #ARGV - 1
-local inos = {}
-for i = 1, n do
-  local e = redis.call('HGET', 'd' .. cur, ARGV[i + 1])
-  if not e then return {%(ENOENT)d, i - 1, inos, false, false} end
-  local typ = string.byte(e, 1) - 48
-  local ino = string.sub(e, 2)
-  inos[i] = ino
-  if typ == 3 then
-    local target = redis.call('GET', 's' .. ino)
-    if i < n then return {-1, i - 1, inos, false, target} end
-    return {0, i - 1, inos, redis.call('GET', 'i' .. ino), target}
-  end
-  if i < n and typ ~= 2 then return {%(ENOTDIR)d, i, inos, false, false} end
-  cur = ino
-end
-return {0, n - 1, inos, redis.call('GET', 'i' .. cur), false}
-""" % {"ENOENT": errno.ENOENT, "ENOTDIR": errno.ENOTDIR}
-
-
-# _WALK_LUA, and the slices of chunk 0 when the walk ends on a regular file (a whole-file read's
-# metadata in one call: BaseMeta._walk_file)
-_WALK_FILE_LUA = """
-local cur = ARGV[1]
-local n = #ARGV - 1
+local want = ARGV[2] == '1'
+local n = #ARGV - 2
 local inos = {}
 local typ = %(DIR)d
 for i = 1, n do
-  local e = redis.call('HGET', 'd' .. cur, ARGV[i + 1])
+  local e = redis.call('HGET', 'd' .. cur, ARGV[i + 2])
   if not e then return {%(ENOENT)d, i - 1, inos, false, false, false} end
   typ = string.byte(e, 1) - 48
   local ino = string.sub(e, 2)
@@ -63,7 +43,7 @@ for i = 1, n do
   cur = ino
 end
 local slices = false
-if typ == %(FILE)d then slices = redis.call('LRANGE', 'c' .. cur .. '_0', 0, -1) end
+if want and typ == %(FILE)d then slices = redis.call('LRANGE', 'c' .. cur .. '_0', 0, -1) end
 return {0, n - 1, inos, redis.call('GET', 'i' .. cur), false, slices}
 """ % {"ENOENT": errno.ENOENT, "ENOTDIR": errno.ENOTDIR, "DIR": TYPE_DIR, "FILE": TYPE_FILE,
        "SYMLINK": TYPE_SYMLINK}
@@ -274,7 +254,6 @@ class RedisMeta(BaseMeta):
         self._conns: list = []
         self._conns_lock = threading.Lock()
         self._walk_sha = None
-        self._walk_file_sha = None
 
     # -- connections -------------------------------------------------------------------------------
     def _conn(self):
@@ -335,22 +314,21 @@ class RedisMeta(BaseMeta):
             return tx._send([("INCRBY", key, n)], ())[0]
         return int(self.txn(fn, readonly=True))
 
-    def _walk(self, tx, start: int, names: list[str]):
-        if not isinstance(tx, _RedisTx) or not tx._ro:
-            return super()._walk(tx, start, names)
+    def _walk_script(self, tx, start: int, names: list[str], chunk0: bool):
         if self._walk_sha is None:
             import hashlib
             self._walk_sha = hashlib.sha1(_WALK_LUA.encode()).hexdigest()
-        args = [start] + [n.encode("utf-8", "surrogateescape") for n in names]
-        code, idx, inos, raw, target = tx.script(self._walk_sha, _WALK_LUA, args)
-        return code, idx, [int(i) for i in inos], raw, target
+        args = [start, b"1" if chunk0 else b"0"] + [n.encode("utf-8", "surrogateescape")
+                                                      for n in names]
+        code, idx, inos, raw, target, slices = tx.script(self._walk_sha, _WALK_LUA, args)
+        return code, idx, [int(i) for i in inos], raw, target, slices
+
+    def _walk(self, tx, start: int, names: list[str]):
+        if not isinstance(tx, _RedisTx) or not tx._ro:
+            return super()._walk(tx, start, names)
+        return self._walk_script(tx, start, names, False)[:5]
 
     def _walk_file(self, tx, names: list[str]):
         if not isinstance(tx, _RedisTx) or not tx._ro:
             return super()._walk_file(tx, names)
-        if self._walk_file_sha is None:
-            import hashlib
-            self._walk_file_sha = hashlib.sha1(_WALK_FILE_LUA.encode()).hexdigest()
-        args = [ROOT_INODE] + [n.encode("utf-8", "surrogateescape") for n in names]
-        code, idx, inos, raw, target, slices = tx.script(self._walk_file_sha, _WALK_FILE_LUA, args)
-        return code, idx, [int(i) for i in inos], raw, target, slices
+        return self._walk_script(tx, ROOT_INODE, names, True)

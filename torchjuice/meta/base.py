@@ -710,8 +710,11 @@ class BaseMeta(Meta):
             if a.length <= CHUNK_SIZE:
                 return a, [unpack_slices(tx.lrange(_ckey(a.inode, 0)) if chunk0 is None
                                          else chunk0)]
-            keys = self._chunk_keys(a.inode, a.length)
-            return a, [unpack_slices(items) for items in tx.batch([("lrange", k) for k in keys])]
+            # chunk 0 came with the walk (when it did): the others in one batch
+            keys = self._chunk_keys(a.inode, a.length, 0 if chunk0 is None else 1)
+            lists = tx.batch([("lrange", k) for k in keys])
+            return a, [unpack_slices(items) for items in
+                       (lists if chunk0 is None else [chunk0, *lists])]
         return fn
 
     def _resolve_tx(self, tx, names: list[str], follow: bool, path: str) -> Attr:

@@ -142,9 +142,10 @@ def disk_read_kib() -> int:
     return 0
 
 
-def run_epoch(ds, workers: int, batch: int) -> dict:
+def run_epoch(ds, workers: int, batch: int, shuffle: bool = False) -> dict:
     loader = DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=measure,
-                        multiprocessing_context="fork" if workers else None)
+                        multiprocessing_context="fork" if workers else None, shuffle=shuffle,
+                        generator=torch.Generator().manual_seed(0) if shuffle else None)
     disk = disk_read_kib()
     t = time.perf_counter()
     n = nbytes = 0
@@ -227,25 +228,26 @@ def main() -> None:
         tj.format(meta, name, storage=s3.url())
         return tj.connect(meta, cache_size=0)          # the writer keeps no cache
 
-    def epochs(part, label, make, names=("cold", "warm")):
+    def epochs(part, label, make, names=("cold", "warm"), shuffle=False):
         for epoch in names:
-            record(part, label, run_epoch(make(), a.workers, a.batch), epoch)
+            record(part, label, run_epoch(make(), a.workers, a.batch, shuffle), epoch)
             gc.collect()
 
     def two_epochs(part, label, make):
         epochs(part, label, make)
 
-    def juice_epochs(part, label, make):
+    def juice_epochs(part, label, make, shuffle=False):
         # the 3rd epoch too: what the 2nd read from disk (cache files written by the cold epoch
         # and reclaimed from the page cache since) the 3rd finds in memory
-        epochs(part, label, make, ("cold",))
+        shutil.rmtree(os.environ["TORCHJUICE_CACHE_DIR"], ignore_errors=True)
+        epochs(part, label, make, ("cold",), shuffle)
         cache = os.environ["TORCHJUICE_CACHE_DIR"]
         held = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs
                    if not f.endswith(".tmp"))
         rows[-1]["cache_mib_after"] = round(held / MiB)
         print(f"  {part:6s} {label}: the disk cache holds {held / MiB:.0f} MiB after the cold "
               "epoch", flush=True)
-        epochs(part, label, make, ("warm", "warm3"))
+        epochs(part, label, make, ("warm", "warm3"), shuffle)
 
     try:
         # -- (a) small files ------------------------------------------------------------------------
@@ -265,12 +267,20 @@ def main() -> None:
                 with open(os.path.join(local, n), "wb") as f:
                     f.write(content(i))
             print(f"  wrote local dir in {time.perf_counter() - t:.1f}s", flush=True)
-            with volume("benchfiles") as vol:
+            with volume("benchfiles") as vol:           # small files packed (as `cp` does)
+                t = time.perf_counter()
+                for d in sorted({n.split("/")[0] for n in names}):
+                    vol.makedirs(f"/files/{d}")
+                vol.write_many((f"/files/{names[i]}", content(i)) for i in range(a.files))
+                print(f"  wrote volume (write_many: packed) in {time.perf_counter() - t:.1f}s, "
+                      f"{vol.metrics()['put_count']} objects", flush=True)
+            with volume("benchfiles1") as vol:          # one object per file (write_bytes)
                 t = time.perf_counter()
                 for d in sorted({n.split("/")[0] for n in names}):
                     vol.makedirs(f"/files/{d}")
                 put_many(lambda i: vol.write_bytes(f"/files/{names[i]}", content(i)), range(a.files))
-                print(f"  wrote volume in {time.perf_counter() - t:.1f}s", flush=True)
+                print(f"  wrote volume (write_bytes: one object per file) in "
+                      f"{time.perf_counter() - t:.1f}s", flush=True)
             client.create_bucket(Bucket="bench-files")
             t = time.perf_counter()
             put_many(lambda i: client.put_object(Bucket="bench-files", Key=f"files/{names[i]}",
@@ -303,11 +313,15 @@ def main() -> None:
                                                                   a.batch), "warm")
             juice_epochs("files", "torchjuice JuiceDataset",
                          lambda: JuiceDataset("juice://benchfiles/files/"))
+            juice_epochs("files", "torchjuice JuiceDataset, shuffled",
+                         lambda: JuiceDataset("juice://benchfiles/files/"), shuffle=True)
+            juice_epochs("files", "torchjuice JuiceDataset, object per file",
+                         lambda: JuiceDataset("juice://benchfiles1/files/"))
             two_epochs("files", "s3torchconnector S3MapDataset", lambda: sds)
-            shutil.rmtree(os.environ["TORCHJUICE_CACHE_DIR"], ignore_errors=True)
             juice_epochs("files", "torchjuice JuiceIterableDataset (files)",
                          lambda: JuiceIterableDataset("juice://benchfiles/files/"))
             shutil.rmtree(os.environ["TORCHJUICE_CACHE_DIR"], ignore_errors=True)
+            tj.volume_for("benchfiles1").close()
             shutil.rmtree(local, ignore_errors=True)
             tj.volume_for("benchfiles").close()
             s3.reset()

@@ -936,6 +936,17 @@ class OpsMachine(RuleBasedStateMachine):
             assert self.vols[c].trash_restore(e["path"], "/" + n) == "/" + n
             self.model[n] = self.trash.pop(e["inode"])
 
+    @rule(c=clients, ns=st.lists(names, min_size=1, max_size=4),
+          datas=st.lists(blobs, min_size=4, max_size=4))
+    def write_many(self, c, ns, datas):          # small files packed into shared slices
+        self.vols[c].write_many([("/" + n, d) for n, d in zip(ns, datas)], pack_max=64 * KiB)
+        self.model.update(zip(ns, datas))
+
+    @rule()
+    def empty_trash(self):                       # frees the trashed files' slices
+        self.vols[0].meta.cleanup_trash(now=time.time() + 30 * 86400, days=0)
+        self.trash.clear()
+
     @rule(c=clients)
     def compact(self, c):
         self.vols[c].compact("/")

@@ -336,6 +336,28 @@ class Volume:
         text = "b" not in mode
         if buffering == 0 and text:
             raise ValueError("can't have unbuffered text I/O")
+        attr, p = self._open_attr(path, create, excl, trunc)
+        raw = JuiceRawFile(self.meta, self.chunks, attr.inode, p, bmode, attr.length,
+                           read, write, append, self.max_readahead if readahead else 0)
+        if buffering == 0:
+            self._files.add(raw)
+            return raw
+        size = buffering if buffering > 1 else BUFFER_SIZE
+        if read and write:
+            f = io.BufferedRandom(raw, size)
+        elif write:
+            f = io.BufferedWriter(raw, size)
+        else:
+            f = io.BufferedReader(raw, size)
+        if text:
+            f = io.TextIOWrapper(f, encoding or "utf-8", errors, newline,
+                                 line_buffering=buffering == 1)
+            f.mode = mode
+        self._files.add(f)          # the outermost object: closing it flushes its buffer too
+        return f
+
+    def _open_attr(self, path: str, create: bool, excl: bool, trunc: bool) -> tuple[Attr, str]:
+        """The file ``open`` works on, created or truncated as the flags say, and its path."""
         parent, name, p = self._split(path)
         attr = None
         try:
@@ -358,24 +380,7 @@ class Volume:
             raise oserror(errno.EISDIR, path)
         if trunc and attr.length:
             attr = self.meta.truncate(attr.inode, 0)
-        raw = JuiceRawFile(self.meta, self.chunks, attr.inode, p, bmode, attr.length,
-                           read, write, append, self.max_readahead if readahead else 0)
-        if buffering == 0:
-            self._files.add(raw)
-            return raw
-        size = buffering if buffering > 1 else BUFFER_SIZE
-        if read and write:
-            f = io.BufferedRandom(raw, size)
-        elif write:
-            f = io.BufferedWriter(raw, size)
-        else:
-            f = io.BufferedReader(raw, size)
-        if text:
-            f = io.TextIOWrapper(f, encoding or "utf-8", errors, newline,
-                                 line_buffering=buffering == 1)
-            f.mode = mode
-        self._files.add(f)          # the outermost object: closing it flushes its buffer too
-        return f
+        return attr, p
 
     def read_bytes(self, path: str) -> bytes:
         """The whole content of a file, as ``bytes``.
@@ -421,10 +426,14 @@ class Volume:
         if n == 0:
             return b""
         cs = self.chunks
-        if n <= cs.block_size and len(chunks) == 1 and len(chunks[0]) == 1:
+        bs = cs.block_size
+        if n <= bs and len(chunks) == 1 and len(chunks[0]) == 1:
             s = chunks[0][0]          # one slice, one block, the whole file: no buffer at all
-            if s.id and s.pos == 0 and s.off == 0 and s.len >= n and min(cs.block_size, s.size) == n:
-                return cs.read_block_bytes(cs.key(s.id, 0, n), n)
+            if s.id and s.pos == 0 and s.len >= n:
+                index, boff = divmod(s.off, bs)
+                bsize = min(bs, s.size - index * bs)
+                if boff + n <= bsize:   # the file, or its range of a packed block
+                    return cs.read_range_bytes(cs.key(s.id, index, bsize), bsize, boff, n)
         reader = FileReader(self.meta, cs, attr.inode, 0)
         for index, slices in enumerate(chunks):
             reader.set_slices(index, slices)
@@ -435,6 +444,43 @@ class Volume:
     def write_bytes(self, path: str, data) -> int:
         with self.open(path, "wb", buffering=0) as f:
             return f.write(data)
+
+    def write_many(self, items, *, pack_max: int | None = None, progress=None) -> int:
+        """Write many whole files: ``items`` is a mapping or an iterable of ``(path, data)``;
+        each file is created or replaced, as :meth:`write_bytes` would. Returns the bytes written.
+
+        Small files (at most ``pack_max`` bytes; default a quarter of the block size, 0 to
+        disable) are packed: consecutive ones share one block object, each file referring to its
+        range of it (the object is deleted with the last of them). A dataset of 100 KiB files then
+        costs one PUT per ~40 files, and reading it back one GET per ~40 files whose block lands
+        in the local cache for its neighbours. Larger files are written one by one. Packed files
+        are visible when their pack is committed, all of them before this returns; a failure
+        leaves the files not yet committed empty (their objects are collected by ``gc``).
+        ``progress(nbytes)`` is called per file."""
+        from .vfs.writer import PackWriter
+        bs = self.chunks.block_size
+        limit = bs // 4 if pack_max is None else min(pack_max, bs)
+        packer = PackWriter(self.meta, self.chunks)
+        total = 0
+        try:
+            for path, data in (items.items() if hasattr(items, "items") else items):
+                if not isinstance(data, (bytes, bytearray)):
+                    data = memoryview(data).cast("B")
+                n = len(data)
+                attr, _p = self._open_attr(path, True, False, True)      # created or emptied
+                if attr.inode in packer.waiting:        # written twice: commit the first one,
+                    packer.flush()                      # then empty the file again
+                    attr, _p = self._open_attr(path, True, False, True)
+                if 0 < n <= limit:
+                    packer.add(attr.inode, data)
+                elif n:
+                    self.write_bytes(path, data)
+                total += n
+                if progress is not None:
+                    progress(n)
+        finally:
+            packer.flush()
+        return total
 
     # -- names ---------------------------------------------------------------------------------------
     def stat(self, path: str, follow_symlinks: bool = True) -> os.stat_result:

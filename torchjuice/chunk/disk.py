@@ -183,6 +183,37 @@ class DiskCache:
         self.hit_bytes += bsize
         return data
 
+    def read_range_bytes(self, key: str, bsize: int, off: int, n: int) -> bytes:
+        """Bytes ``[off, off+n)`` of the cached block as a new ``bytes`` object, verified: the
+        checksum segments the range touches are read in one ``pread`` (their checksums are kept
+        with the open fd) and hashed. Raises CacheMiss like :meth:`read_into`."""
+        entry = self._acquire(key)
+        fd, path = entry[0], entry[1]
+        try:
+            nseg = _segments(bsize)
+            tail = entry[4]
+            if tail is None:
+                tail = os.pread(fd, trailer_size(bsize), bsize)
+                self._check_footer(path, tail, nseg)
+                entry[4] = tail
+            s0, s1 = off // SEGMENT, _segments(off + n)
+            a, b = s0 * SEGMENT, min(s1 * SEGMENT, bsize)
+            data = os.pread(fd, b - a, a)
+            if len(data) != b - a:
+                self._drop(path, "short read")
+            view = memoryview(data)
+            for i in range(s0, s1):
+                lo = i * SEGMENT - a
+                if xxhash.xxh3_64_digest(view[lo: lo + SEGMENT]) != tail[i * 8: i * 8 + 8]:
+                    self._drop(path, f"checksum mismatch in segment {i}")
+        except CacheMiss:
+            self._release(key, entry, forget=True)
+            raise
+        self._release(key, entry)
+        self.hits += 1
+        self.hit_bytes += n
+        return data if (a == off and b == off + n) else data[off - a: off - a + n]
+
     def _read_whole_verified(self, fd: int, path: str, bsize: int) -> bytes:
         nseg = _segments(bsize)
         tail = os.pread(fd, trailer_size(bsize), bsize)
@@ -196,7 +227,7 @@ class DiskCache:
 
     # Open files: a small LRU of read-only fds, because opening a file deep in the cache tree
     # costs as much as hashing the block. An fd stays valid, its bytes right, when another process
-    # evicts or replaces the file (blocks are immutable). An entry is [fd, path, users, retired]:
+    # evicts or replaces the file (blocks are immutable). An entry is [fd, path, users, retired, trailer]:
     # it is closed only once retired and unused, so an fd number is never reused under a reader.
 
     def _acquire(self, key: str) -> list:
@@ -221,7 +252,7 @@ class DiskCache:
                 os.close(fd)
                 entry[2] += 1
                 return entry
-            entry = self._fds[key] = [fd, path, 1, False]
+            entry = self._fds[key] = [fd, path, 1, False, None]     # [4]: its trailer, once read
             while len(self._fds) > self.max_open:
                 _, old = self._fds.popitem(last=False)
                 old[3] = True

@@ -332,6 +332,25 @@ class ChunkStore:
             self._cache_later(key, data)
         return data
 
+    def read_range_bytes(self, key: str, bsize: int, off: int, n: int) -> bytes:
+        """Bytes ``[off, off+n)`` of one block as a new ``bytes`` object (a file packed with
+        others into a block: see ``Volume.write_many``); a whole block goes to
+        :meth:`read_block_bytes`. A cached block is read with only the checksum segments the
+        range touches."""
+        if off == 0 and n == bsize:
+            return self.read_block_bytes(key, bsize)
+        if self.cache is not None:
+            with self._lock:
+                known = key in self._buffer or key in self._fetching
+            if not known:
+                try:
+                    return self.cache.read_range_bytes(key, bsize, off, n)
+                except CacheMiss:
+                    pass
+        buf = bytearray(n)
+        self.read_block(key, bsize, off, memoryview(buf))
+        return bytes(buf)
+
     def _get_into(self, key: str, bsize: int, off: int, out: memoryview) -> None:
         t = time.perf_counter()
         got = self._retry(self.store.get_into, key, out, off)

@@ -342,12 +342,37 @@ class BaseMeta(Meta):
         tx.hset("sustained", str(ino).encode(), str(self._sid or 0).encode())
 
     def _read_inode_data(self, tx, a: Attr) -> tuple[list[str], list[tuple[int, int]]]:
-        """Read phase of freeing inode ``a``: its chunk keys and the slices they hold."""
+        """Read phase of freeing inode ``a``: its chunk keys and the slices that nothing refers
+        to once they are gone (see :meth:`_unref`)."""
         if a.typ != TYPE_FILE:
             return [], []
         keys = self._chunk_keys(a.inode, a.length)
         lists = tx.batch([("lrange", k) for k in keys]) if keys else []
-        return keys, self._slices_of(lists)
+        return keys, self._unref(tx, self._slices_of(lists))
+
+    # Slice references. A slice is normally held by one chunk of one file. A packed slice
+    # (:meth:`write_shared`) holds several small files, each chunk list referring to its own
+    # range; ``k{sid}`` then counts the references beyond the first. Every path that drops a
+    # chunk's slices (unlink, rename over, truncate, compaction, trash cleanup, the last close of
+    # an unlinked file) passes them through here: a slice is freed only with its last reference.
+    @staticmethod
+    def _unref(tx, slices: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``slices`` each lost one reference (one chunk no longer holds them): returns those
+        that nothing refers to any more; the others' counts drop by one (written to ``tx``)."""
+        if not slices:
+            return slices
+        keys = [f"k{sid}" for sid, _ in slices]
+        freed = []
+        for s, k, raw in zip(slices, keys, tx.gets(keys)):
+            if raw is None:
+                freed.append(s)
+                continue
+            left = int(raw) - 1
+            if left > 0:
+                tx.set(k, b"%d" % left)
+            else:
+                tx.delete(k, "str")
+        return freed
 
     def _unlinked(self, tx, a: Attr, parent, name, to_trash, drop: bool, chunks, now) -> None:
         """Write what becomes of an inode that lost an entry: moved to the trash, freed (its last
@@ -1234,7 +1259,8 @@ class BaseMeta(Meta):
                 first = (length - 1) // CHUNK_SIZE + 1 if length > 0 else 0
                 drop_keys = self._chunk_keys(inode, old, first)
                 if drop_keys:
-                    freed = self._slices_of(tx.batch([("lrange", k) for k in drop_keys]))
+                    freed = self._unref(tx, self._slices_of(
+                        tx.batch([("lrange", k) for k in drop_keys])))
                 pos = length % CHUNK_SIZE
                 if pos:
                     indx = length // CHUNK_SIZE
@@ -1303,6 +1329,46 @@ class BaseMeta(Meta):
                 log.exception("on_compact failed")
         return a
 
+    def write_shared(self, sid: int, size: int, parts: list[tuple[int, int, int]]) -> list[int]:
+        """Packing: make ranges of one uploaded slice (``sid``, ``size`` bytes) the content of
+        several files in one transaction. Each ``(inode, off, length)`` writes bytes
+        ``[off, off+length)`` of the slice at the start of that file, as :meth:`write_chunk`
+        would, and the slice counts one reference per file (see :meth:`_unref`). Inodes gone
+        meanwhile (or no longer regular files) are skipped; returns the inodes written. When none
+        is left, the slice is freed (``on_delete_slices``)."""
+        if not 0 < size <= CHUNK_SIZE:
+            raise oserror(errno.EINVAL, None, f"bad shared slice size {size}")
+        for ino, off, n in parts:
+            if off < 0 or n <= 0 or off + n > size:
+                raise oserror(errno.EINVAL, f"inode {ino}",
+                              f"bad range [{off}, {off + n}) of slice {sid} ({size} bytes)")
+
+        def fn(tx):
+            raws = tx.gets([_ikey(ino) for ino, _, _ in parts])
+            now = time.time()
+            used = 0
+            done: list[int] = []
+            for (ino, off, n), raw in zip(parts, raws):
+                if raw is None:
+                    continue
+                a = unpack_attr(ino, raw)
+                if a.typ != TYPE_FILE:
+                    continue
+                old = a.length
+                a.length = max(old, n)
+                a.mtime = a.ctime = now
+                tx.rpush(_ckey(ino, 0), pack_slice(Slice(0, sid, size, off, n)))
+                tx.set(_ikey(ino), pack_attr(a))
+                used += align4k(a.length) - align4k(old)
+                done.append(ino)
+            if used:
+                tx.incrby("usedSpace", used)
+            files = len(set(done))          # a file listed twice holds the slice in one chunk
+            if files > 1:
+                tx.set(f"k{sid}", b"%d" % (files - 1))
+            return done, ([] if done else [(sid, size)])
+        return self._run(fn)
+
     def replace_chunk(self, inode: int, index: int, old: list[Slice], new: list[Slice]) -> bool:
         """Compaction's commit: make ``new`` the slice list of chunk ``index`` if it is still
         exactly ``old`` (else False: something wrote meanwhile; nothing changes). The slices of
@@ -1317,13 +1383,13 @@ class BaseMeta(Meta):
             raw, items = tx.batch([("get", _ikey(inode)), ("lrange", ckey)])
             if raw is None or [bytes(x) for x in items] != expected:
                 return False
+            gone = self._unref(tx, [s for s in self._slices_of([items]) if s[0] not in keep])
             tx.delete(ckey, "list")
             for p in packed:
                 tx.rpush(ckey, p)
             stamp = repr(time.time()).encode()
-            for sid, size in self._slices_of([items]):
-                if sid not in keep:
-                    tx.hset("pendingDelete", str(sid).encode(), b"%d," % size + stamp)
+            for sid, size in gone:
+                tx.hset("pendingDelete", str(sid).encode(), b"%d," % size + stamp)
             return True
         return self.txn(fn)
 
@@ -1600,6 +1666,14 @@ class BaseMeta(Meta):
             self.txn(lambda tx: put(tx, part))
             if progress is not None:
                 progress(len(part))
+        # packed slices: one reference per chunk that holds them (counted, not dumped)
+        holders: Counter = Counter(sl[1] for node in nodes.values()
+                                   for slices in node.get("chunks", {}).values()
+                                   for sl in {s[1]: s for s in slices}.values() if sl[1] > 0)
+        shared = [(sid, n) for sid, n in holders.items() if n > 1]
+        for i in range(0, len(shared), batch):
+            part = shared[i: i + batch]
+            self.txn(lambda tx: [tx.set(f"k{sid}", b"%d" % (n - 1)) for sid, n in part])
 
         def finish(tx):
             for k, v in data["counters"].items():
@@ -1683,6 +1757,31 @@ class BaseMeta(Meta):
         if used != space:
             problems.append(("counter", f"usedSpace {used} != {space}", "usedSpace",
                              space - used))
+        problems += self._inspect_slice_refs(attrs)
+        return problems
+
+    def _inspect_slice_refs(self, attrs: dict[int, Attr]) -> list[tuple]:
+        """Packed slices: every ``k{sid}`` count against the chunks that hold the slice (a
+        count too low would free data still in use; too high, leak it)."""
+        files = [a for a in attrs.values() if a.typ == TYPE_FILE]
+
+        def fn(tx):
+            ckeys = [k for a in files for k in self._chunk_keys(a.inode, a.length)]
+            lists = tx.batch([("lrange", k) for k in ckeys]) if ckeys else []
+            kkeys = [k for k in tx.scan_keys("k") if k[1:].isdigit()]
+            return lists, dict(zip(kkeys, tx.gets(kkeys) if kkeys else []))
+        lists, stored = self.txn(fn, readonly=True)
+        holders = Counter(sid for items in lists for sid, _ in self._slices_of([items]))
+        problems = []
+        for sid, n in holders.items():
+            raw = stored.pop(f"k{sid}", None)
+            have = int(raw) + 1 if raw is not None else 1
+            if have != n:
+                problems.append(("sliceref", f"slice {sid} counts {have} references, "
+                                             f"{n} chunk(s) hold it", sid, n))
+        for k in stored:
+            problems.append(("sliceref", f"slice {k[1:]} counts references but no chunk holds "
+                                         "it", int(k[1:]), 0))
         return problems
 
     def check(self) -> list[str]:
@@ -1734,6 +1833,10 @@ class BaseMeta(Meta):
         elif kind == "counter":
             name, delta = p[2], p[3]
             self.txn(lambda tx: tx.incrby(name, delta))
+        elif kind == "sliceref":
+            sid, n = p[2], p[3]
+            self.txn(lambda tx: tx.set(f"k{sid}", b"%d" % (n - 1)) if n > 1 else
+                     tx.delete(f"k{sid}", "str"))
         elif kind == "dirrefs":
             ino, places = p[2], p[3]
             a = self.getattr(ino)

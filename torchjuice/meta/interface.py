@@ -255,6 +255,11 @@ class Meta(ABC):
     def write_chunk(self, inode: int, index: int, slice_: Slice, mtime: float | None = None) -> Attr:
         """Append ``slice_`` to chunk ``index``; the length grows to cover it."""
 
+    @abstractmethod
+    def write_shared(self, sid: int, size: int, parts: list[tuple[int, int, int]]) -> list[int]:
+        """Make ranges ``(inode, off, length)`` of one uploaded slice the content of several
+        files, in one transaction (small files packed into shared objects)."""
+
     def open_file(self, inode: int) -> None:
         """A local handle opened ``inode`` (its data stays while open, even if unlinked)."""
 

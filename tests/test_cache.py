@@ -411,6 +411,34 @@ def test_diskcache_unit_partial_reads_verify(tmp_path):
         assert bytes(out) == data[off: off + n]
 
 
+def test_diskcache_range_bytes_verify_the_segments_around_the_range(tmp_path):
+    import random
+    from torchjuice.chunk.disk import SEGMENT, CacheMiss
+    c = DiskCache(str(tmp_path), "u", 100 * MiB)
+    data = data_of(MiB + 77, 14)
+    rnd = random.Random(5)
+    assert c.put("k/1", data)
+    cases = [(0, len(data)), (0, 1), (SEGMENT - 1, 2), (SEGMENT, SEGMENT), (len(data) - 5, 5),
+             (5, SEGMENT * 3)] + [(o, rnd.randint(1, len(data) - o))
+                                   for o in (rnd.randrange(len(data)) for _ in range(40))]
+    for off, n in cases:
+        assert c.read_range_bytes("k/1", len(data), off, n) == data[off: off + n], (off, n)
+    # a flipped byte outside the range but inside a segment it touches: a miss, never the bytes
+    off, n = 3 * SEGMENT + 100, 2 * SEGMENT
+    for bad in (3 * SEGMENT + 7, off + n + 9):            # in the head part, in the tail part
+        assert c.put("k/2", data)
+        path = c.path("k/2")
+        with open(path, "r+b") as f:
+            f.seek(bad)
+            b = f.read(1)
+            f.seek(bad)
+            f.write(bytes([b[0] ^ 1]))
+        with pytest.raises(CacheMiss):
+            c.read_range_bytes("k/2", len(data), off, n)
+        assert not os.path.exists(path)                  # dropped
+    assert c.corrupt == 2
+
+
 def test_copy_into_big_small_and_read_only_sources():
     from torchjuice.chunk.store import COPY_NOGIL_MIN, copy_into
     src = bytearray(os.urandom(COPY_NOGIL_MIN * 3))

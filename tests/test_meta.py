@@ -505,7 +505,10 @@ def test_resolve_slices_many(m):
     m.write_chunk(big.inode, 0, _slice(m, 100))
     m.write_chunk(big.inode, 2, _slice(m, 10, pos=7))
     m.symlink(ROOT_INODE, "link", "d/f3")
-    paths = ["/d/f0", "/d/f1", "/nope", "/d/f4", "/d/big", "/link", "/d/f2/x", "/d", "/d/f3"]
+    m.symlink(d.inode, "inlink", "f1")
+    m.symlink(ROOT_INODE, "ldir", "d")
+    paths = ["/d/f0", "/d/f1", "/nope", "/d/f4", "/d/big", "/link", "/d/f2/x", "/d", "/d/f3",
+             "/d/nope", "/d/inlink", "/ldir/f2", "/nope/f1", "/.trash", "/d/f1"]
     calls = []
     real = m.txn
     m.txn = lambda fn, **kw: calls.append(kw) or real(fn, **kw)
@@ -516,8 +519,8 @@ def test_resolve_slices_many(m):
     assert calls == [{"readonly": True}]
     assert len(got) == len(paths)
     for p, g in zip(paths, got):
-        if p == "/nope":
-            assert isinstance(g, FileNotFoundError)
+        if p in ("/nope", "/d/nope", "/nope/f1"):
+            assert isinstance(g, FileNotFoundError), p
         elif p == "/d/f2/x":
             assert isinstance(g, NotADirectoryError)
         else:

@@ -318,6 +318,28 @@ class SQLMeta(BaseMeta):
         walked, rows = self._walk_rows(tx, ROOT_INODE, names, True)
         return (*walked, [bytes(r[-1]) for r in rows if r[-1] is not None])
 
+    def _files_in(self, tx, dir_ino: int, names: list[bytes]) -> dict:
+        # one SELECT: the entries, their attributes and chunk 0's slices (a DataLoader batch)
+        if not isinstance(tx, _SQLTx) or len(names) > _IN_BATCH:
+            return super()._files_in(tx, dir_ino, names)
+        digits = "convert_from(substr(e.v, 2), 'UTF8')" if self._pg else "substr(e.v, 2)"
+        mark = "%s" if self._pg else "?"
+        rows = tx._x(f"SELECT e.f, e.v, a.v, c.v FROM hkv e "
+                     f"LEFT JOIN kv a ON a.k = 'i' || {digits} "
+                     f"LEFT JOIN lkv c ON c.k = 'c' || {digits} || '_0' "
+                     f"WHERE e.k = {mark} AND e.f IN ({','.join([mark] * len(names))}) "
+                     f"ORDER BY e.f, c.id", [f"d{dir_ino}", *names]).fetchall()
+        out: dict = {}
+        for f, e, a, c in rows:
+            f = bytes(f)
+            got = out.get(f)
+            if got is None:
+                e = bytes(e)
+                got = out[f] = [e[0] - 48, int(e[1:]), None if a is None else bytes(a), []]
+            if c is not None:
+                got[3].append(bytes(c))
+        return out
+
     # -- transactions -----------------------------------------------------------------------------
     def _retryable(self, e: BaseException) -> bool:
         if self._pg:

@@ -4,9 +4,11 @@
     python -m benchmarks.bench_datasets --files 2000 --shards 8 --shard-size 8M --list-files 10000
 
 (a) small files: a map-style dataset over FILES files of FILE_SIZE — torchjuice ``JuiceDataset``
-    (and ``JuiceIterableDataset`` over the same files) on a volume whose blocks are on the S3 server,
-    beside the same files in a local directory (``open().read()``) and s3torchconnector's
-    ``S3MapDataset`` on a bucket of the same server holding the same files.
+    (in file order and shuffled, and ``JuiceIterableDataset``) on a volume whose blocks are on the
+    S3 server, written with ``Volume.write_many`` (small files packed ~40 to a block object, as
+    ``torchjuice cp`` writes them), and on a second volume written file by file (one object each),
+    beside the same files in a local directory (``open().read()``, in order and shuffled) and
+    s3torchconnector's ``S3MapDataset`` on a bucket of the same server holding the same files.
 (b) tar shards: SHARDS shards of SHARD_SIZE (WebDataset layout: ``KEY.bin`` of SAMPLE_SIZE plus
     ``KEY.cls``) — torchjuice ``JuiceIterableDataset`` and ``webdataset.WebDataset("juice://...")``,
     beside the shards in a local directory (Python ``tarfile`` streaming, and ``webdataset`` on

@@ -27,6 +27,7 @@ from .object import create_store
 from .units import parse_size
 from .vfs.handle import JuiceRawFile, open_flags
 from .vfs.reader import FileReader
+from .vfs.writer import PackWriter
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 BUFFER_SIZE = 1 << 20       # the io.Buffered* buffer: small reads and writes are batched this far
@@ -457,7 +458,6 @@ class Volume:
         are visible when their pack is committed, all of them before this returns; a failure
         leaves the files not yet committed empty (their objects are collected by ``gc``).
         ``progress(nbytes)`` is called per file."""
-        from .vfs.writer import PackWriter
         bs = self.chunks.block_size
         limit = bs // 4 if pack_max is None else min(pack_max, bs)
         packer = PackWriter(self.meta, self.chunks)

@@ -182,7 +182,7 @@ class PackWriter:
     (:meth:`Meta.write_shared`) makes each file's range of it that file's content, the slice
     counting one reference per file. So 40 files of 100 KiB cost one PUT, one GET to read back,
     and one cache file. Files are visible once their pack is committed (at the latest by
-    :meth:`close`); a failure before that leaves them empty and the pack's object for ``gc``.
+    :meth:`flush`); a failure before that leaves them empty and the pack's object for ``gc``.
     """
 
     MAX_PENDING = 8         # packs uploading at once (each one block of memory)

@@ -276,6 +276,25 @@ def test_path_escape(jfs):
     assert jfs.info("vol/a/../b")["name"] == "vol/b"
 
 
+def test_pipe_many_files_packs_them(jfs):
+    import random
+    rnd = random.Random(3)
+    files = {f"vol/many/d{i % 3}/f{i}": rnd.randbytes(rnd.randint(1, 9000)) for i in range(60)}
+    vol = tj.volume_for("vol", meta=jfs.meta)
+    puts = vol.metrics()["put_count"]
+    jfs.pipe({"juice://" + k: v for k, v in files.items()})
+    assert 0 < vol.metrics()["put_count"] - puts < 10            # 60 files, a few objects
+    assert jfs.cat(list(files)) == {k: v for k, v in files.items()}
+    assert sorted(jfs.ls("vol/many", detail=False)) == [f"vol/many/d{i}" for i in range(3)]
+    with pytest.raises(FileExistsError) as e:             # a directory where a file is: as os
+        jfs.pipe({"vol/many/d0/f0/x": b"1", "vol/many/ok": b"2"})
+    assert e.value.filename == "juice://vol/many/d0/f0"
+    jfs.auto_mkdir = False
+    with pytest.raises(NotADirectoryError) as e:
+        jfs.pipe({"vol/many/d0/f0/x": b"1", "vol/many/ok": b"2"})
+    assert e.value.filename == "juice://vol/many/d0/f0/x"
+
+
 def test_cat_pipe_touch_cp(jfs):
     data = bytes(range(256)) * 1000
     jfs.pipe_file("vol/x", data)

@@ -233,6 +233,10 @@ def test_write_many_errors_name_the_path_and_keep_what_was_written(request, tmp_
         assert vol.read_bytes(p) == d
     with pytest.raises(IsADirectoryError):
         vol.write_many([("/d/sub", b"abc")])
+    some = sorted(good)[0]
+    with pytest.raises(NotADirectoryError) as e:                # under a file
+        vol.write_many([(some + "/x", b"abc")])
+    assert e.value.filename == some + "/x"
     with pytest.raises(PathEscapeError, match="above the root"):
         vol.write_many([("/d/../../x", b"abc")])
     assert vol.meta.check() == []

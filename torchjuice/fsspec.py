@@ -489,6 +489,28 @@ class JuiceFileSystem(AbstractFileSystem):
         with self.open(path, "xb" if mode == "create" else "wb", **kwargs) as f:
             f.write(value)
 
+    def pipe(self, path, value=None, **kwargs):
+        """``pipe(path, bytes)``, or ``pipe({path: bytes, ...})``: many files at once go through
+        ``Volume.write_many``, so small ones are packed into shared block objects."""
+        if not isinstance(path, dict) or kwargs:
+            return super().pipe(path, value, **kwargs)
+        groups: dict[int, tuple[Volume, list]] = {}
+        for k, v in path.items():
+            vol, inner, name = self._split(k)
+            groups.setdefault(id(vol), (vol, []))[1].append((inner, v, name))
+        for vol, items in groups.values():
+            names = {inner: name for inner, _, name in items}
+            if self.auto_mkdir:
+                for parent in sorted({posixpath.dirname(inner) for inner, _, _ in items} - {"/"}):
+                    self._call(vol.name + parent, vol.makedirs, parent, 0o755, True)
+            try:
+                vol.write_many((inner, v) for inner, v, _ in items)
+            except OSError as e:
+                new = self._reraise(e, names.get(e.filename, vol.name))
+                if new is e:
+                    raise
+                raise new from None
+
     def touch(self, path, truncate=True, **kwargs):
         """Create an empty file; an existing one is emptied (``truncate=True``) or only has its
         times updated."""

@@ -368,6 +368,8 @@ class Volume:
         except FileNotFoundError:
             if not create:
                 raise oserror(errno.ENOENT, path) from None
+        except NotADirectoryError as e:                 # the parent is a file
+            raise _named(e, path) from None
         if attr is not None and excl:
             raise oserror(errno.EEXIST, path)
         if attr is None:

@@ -706,7 +706,7 @@ class BaseMeta(Meta):
         for i, p in enumerate(paths):
             names = p.split("/") if p[:1] == "/" else None
             if names is None or "" in names[1:] or "." in names or ".." in names or \
-                    names[1] == TRASH_NAME or len(names) < 2:
+                    names[1] == TRASH_NAME:
                 slow.append(i)
                 continue
             groups.setdefault(tuple(names[1:-1]), []).append((i, _enc(names[-1])))

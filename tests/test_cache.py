@@ -439,6 +439,24 @@ def test_diskcache_range_bytes_verify_the_segments_around_the_range(tmp_path):
     assert c.corrupt == 2
 
 
+def test_a_block_cached_by_an_older_version_is_a_quiet_miss(tmp_path, caplog):
+    import struct
+    import xxhash
+    from torchjuice.chunk.disk import CacheMiss
+    c = DiskCache(str(tmp_path), "u", 100 * MiB)
+    data = data_of(200_000, 15)
+    assert c.put("k/1", data)
+    old_seg = 64 << 10                      # the TJC1 layout: 64 KiB segments
+    sums = [xxhash.xxh3_64_digest(data[i: i + old_seg]) for i in range(0, len(data), old_seg)]
+    with open(c.path("k/1"), "wb") as f:
+        f.write(data + b"".join(sums) + xxhash.xxh3_64_digest(data)
+                + struct.pack("<4sI", b"TJC1", len(sums)))
+    with caplog.at_level("WARNING", logger="torchjuice.cache"):
+        with pytest.raises(CacheMiss):
+            c.read_bytes("k/1", len(data))
+    assert not os.path.exists(c.path("k/1")) and c.corrupt == 0 and not caplog.records
+
+
 def test_copy_into_big_small_and_read_only_sources():
     from torchjuice.chunk.store import COPY_NOGIL_MIN, copy_into
     src = bytearray(os.urandom(COPY_NOGIL_MIN * 3))

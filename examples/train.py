@@ -54,8 +54,9 @@ def make_data(vol) -> None:
         vol.write_bytes(f"/shards/train-{s:06d}.tar", buf.getvalue())
     vol.makedirs("/val", exist_ok=True)
     x, y = sample(VAL)
-    for i in range(VAL):         # one small file per sample: feature bytes + the label byte
-        vol.write_bytes(f"/val/{i:05d}.bin", x[i].numpy().tobytes() + bytes([int(y[i])]))
+    # one small file per sample (feature bytes + the label byte), packed into shared objects
+    vol.write_many((f"/val/{i:05d}.bin", x[i].numpy().tobytes() + bytes([int(y[i])]))
+                   for i in range(VAL))
 
 
 def decode_train(sample: dict):                 # runs in the DataLoader workers

@@ -258,3 +258,41 @@ def test_cp_packs_a_directory_of_small_files(request, tmp_path):
         assert vol.read_bytes("/in" + p) == d
     assert vol.read_bytes("/in/d/large.bin") == b"L" * (100 * KiB)
     assert len(_objects(vol)) < 15                  # 40 small files in a few shared objects
+
+
+@pytest.mark.parametrize("store", ["file", "s3"])
+def test_packed_safetensors_load_and_slice(request, tmp_path, store):
+    import torch
+    from safetensors.torch import save
+    meta = _format(request, tmp_path, store=store, block_size=256 * KiB)
+    vol = _connect(request, meta, cache_dir=str(tmp_path / "cache"))
+    rnd = torch.Generator().manual_seed(0)
+    models = {f"/m/{i}.safetensors": {"w": torch.randn(40, 50, generator=rnd),
+                                      "b": torch.arange(i + 3, dtype=torch.int64)}
+              for i in range(6)}
+    vol.makedirs("/m")
+    vol.write_many((p, save(t)) for p, t in models.items())         # ~8 KiB each, packed
+    assert len(_objects(vol)) == 1
+    for p, tensors in models.items():
+        got = tj.load_safetensors(p, volume=vol)
+        assert got.keys() == tensors.keys()
+        assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+        with tj.safe_open(p, framework="pt", volume=vol) as f:
+            assert torch.equal(f.get_slice("w")[3:7], tensors["w"][3:7])
+
+
+def test_write_many_in_write_back_mode(request, tmp_path):
+    meta = _format(request, tmp_path, store="s3")
+    m = new_meta(meta)
+    fmt = m.load()
+    vol = tj.Volume(m, fmt, create_store(fmt.storage), cache_dir=str(tmp_path / "wb"),
+                    writeback=True)
+    request.addfinalizer(vol.close)
+    vol.makedirs("/d")
+    items = _files(10, 30)
+    vol.write_many(items)                       # committed once staged on local disk
+    assert all(vol.read_bytes(p) == d for p, d in items.items())
+    assert vol.chunks.wait_writeback(30)
+    fresh = _connect(request, meta, cache_dir=None)                 # from the store alone
+    assert fresh.read_many(sorted(items)) == [items[p] for p in sorted(items)]
+    assert fsck(fresh).ok

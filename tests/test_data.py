@@ -209,8 +209,9 @@ def test_batch_reads_inline_while_fast_on_threads_while_slow(vol, monkeypatch):
         assert ds.__getitems__(batch) == batch and ds._pool is None and not ds._threaded
     finally:
         del meta.txn
-    # inline: INLINE_GROUP files per metadata transaction
-    assert len(txns) == -(-len(batch) // data_mod.INLINE_GROUP)
+    # inline: a probe of INLINE_GROUP files in one metadata transaction, then INLINE_MAX per one
+    rest = len(batch) - data_mod.INLINE_GROUP
+    assert len(txns) == 1 + -(-rest // data_mod.INLINE_MAX)
     # read epoch after epoch: a cold pass waits for the cache fill rather than skip blocks
     assert ds._vols.get(VOL).cache_fill == "wait"
     monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)           # every read is "slow" now
@@ -253,7 +254,7 @@ def test_prefetcher_reads_fast_files_inline_and_keeps_order(vol, monkeypatch):
     assert [int(d) for i, d in enumerate(out) if i not in (70, 80, 81)] == \
         [i for i in range(100) if i not in (70, 80)]
     assert any(modes[:60]) and not all(modes)                  # inline once fast, pool around the window
-    assert groups and max(groups) == data_mod.INLINE_GROUP      # inline: a transaction per group
+    assert groups and max(groups) == data_mod.INLINE_MAX        # inline: a transaction per group
     monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)
     r = Prefetcher(_Volumes(), units[:60], threads=4, max_units=8)
     assert [int(d) for _, d in r] == list(range(60)) and not r._inline

@@ -6,8 +6,8 @@ one xxh3-64 per 16 KiB segment, one over the whole block, then a footer (magic, 
 A whole-block read is one ``preadv`` (data and trailer) and one hash; a partial read reads and
 verifies only the segments it touches, so a 4 KiB random read hashes 16 KiB and a 100 KiB file
 packed in a block reads 112-128 KiB (xxh3 runs at ~10 GiB/s per core and releases the GIL; the
-kernel's copy out of the page cache costs more). A corrupt block is dropped and the caller fetches it again: a corrupt block is
-never returned.
+kernel's copy out of the page cache costs more). A corrupt block is dropped and the caller
+fetches it again: a corrupt block is never returned.
 
 Shared by several processes on one host (DataLoader workers): files appear by atomic rename, a
 reader holds its own fd (an eviction by another process does not disturb it), and the space
@@ -257,8 +257,9 @@ class DiskCache:
 
     # Open files: a small LRU of read-only fds, because opening a file deep in the cache tree
     # costs as much as hashing the block. An fd stays valid, its bytes right, when another process
-    # evicts or replaces the file (blocks are immutable). An entry is [fd, path, users, retired, trailer]:
-    # it is closed only once retired and unused, so an fd number is never reused under a reader.
+    # evicts or replaces the file (blocks are immutable). An entry is [fd, path, users, retired,
+    # trailer]: it is closed only once retired and unused, so an fd number is never reused under
+    # a reader.
 
     def _acquire(self, key: str) -> list:
         with self._fdlock:

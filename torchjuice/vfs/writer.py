@@ -193,7 +193,7 @@ class PackWriter:
         self._buf: bytearray | None = None
         self._n = 0
         self._parts: list[tuple[int, int, int]] = []        # (inode, off, length) in _buf
-        self._pending: list[tuple] = []                    # (future, sid, size, parts), oldest first
+        self._pending: list[tuple] = []             # (future, sid, size, parts), oldest first
         self.waiting: set[int] = set()                     # inodes whose content is not committed
 
     def add(self, inode: int, data) -> None:

@@ -360,30 +360,38 @@ class Volume:
     def _open_attr(self, path: str, create: bool, excl: bool, trunc: bool) -> tuple[Attr, str]:
         """The file ``open`` works on, created or truncated as the flags say, and its path."""
         parent, name, p = self._split(path)
-        attr = None
-        try:
-            attr = self.meta.lookup(parent.inode, name)
-            if attr.is_symlink:
-                attr = self._resolve(p, path)
-        except FileNotFoundError:
-            if not create:
-                raise oserror(errno.ENOENT, path) from None
-        except NotADirectoryError as e:                 # the parent is a file
-            raise _named(e, path) from None
-        if attr is not None and excl:
-            raise oserror(errno.EEXIST, path)
-        if attr is None:
+        for attempt in range(5):
+            attr = None
             try:
-                attr = self.meta.create(parent.inode, name)
-            except FileExistsError:
-                if excl:
-                    raise oserror(errno.EEXIST, path) from None
-                attr = self._resolve(p, path)
-        if attr.is_dir:
-            raise oserror(errno.EISDIR, path)
-        if trunc and attr.length:
-            attr = self.meta.truncate(attr.inode, 0)
-        return attr, p
+                attr = self.meta.lookup(parent.inode, name)
+                if attr.is_symlink:
+                    attr = self._resolve(p, path)
+            except FileNotFoundError:
+                if not create:
+                    raise oserror(errno.ENOENT, path) from None
+            except NotADirectoryError as e:                 # the parent is a file
+                raise _named(e, path) from None
+            if attr is not None and excl:
+                raise oserror(errno.EEXIST, path)
+            try:
+                if attr is None:
+                    try:
+                        attr = self.meta.create(parent.inode, name)
+                    except FileExistsError:
+                        if excl:
+                            raise oserror(errno.EEXIST, path) from None
+                        attr = self._resolve(p, path)
+                if attr.is_dir:
+                    raise oserror(errno.EISDIR, path)
+                if trunc and attr.length:
+                    attr = self.meta.truncate(attr.inode, 0)
+                return attr, p
+            except FileNotFoundError:
+                # another client removed the file between our look and our create/truncate:
+                # with O_CREAT the name is free again, so look once more
+                if not create or attempt == 4:
+                    raise oserror(errno.ENOENT, path) from None
+        raise AssertionError("unreachable")
 
     def read_bytes(self, path: str) -> bytes:
         """The whole content of a file, as ``bytes``.

@@ -138,7 +138,13 @@ class FileWriter:
                     break
                 else:
                     s.wait()     # raises the upload's error, if any
-                self.meta.write_chunk(self.inode, s.index, s.as_slice())
+                try:
+                    self.meta.write_chunk(self.inode, s.index, s.as_slice())
+                except FileNotFoundError:
+                    # the file was freed meanwhile (removed by another client): nothing will
+                    # ever refer to these blocks, so they go now rather than wait for gc
+                    self.chunks.delete_slices([(s.sid, s.length)])
+                    raise
                 self._queue.pop(0)
                 if self._open.get(s.index) is s:
                     del self._open[s.index]

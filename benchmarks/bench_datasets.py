@@ -15,6 +15,8 @@
     local paths), s3torchconnector's ``S3IterableDataset`` (``enable_sharding=True``) streaming
     each object into ``tarfile``, and ``webdataset`` on the S3 server through a boto3 gopen handler
     (``gopen_schemes["s3"]`` = ``get_object(...)["Body"]``, one GET per shard).
+(a') writing those FILES files: a local directory, ``Volume.write_many`` (packed), ``write_bytes``
+    on 8 threads (one object per file), and boto3 ``put_object`` on 8 threads to the same server.
 (c) listing: building a ``JuiceDataset`` index (one metadata call per directory) over LIST_FILES
     empty files in directories of 1,000, beside ``os.walk`` + ``os.stat`` of the same tree locally,
     and, for the FILES files of (a), beside S3 ListObjectsV2 (s3torchconnector ``from_prefix``).
@@ -271,30 +273,32 @@ def main() -> None:
             local = os.path.join(work, "files")
             for d in sorted({n.split("/")[0] for n in names}):
                 os.makedirs(os.path.join(local, d))
-            t = time.perf_counter()
-            for i, n in enumerate(names):
-                with open(os.path.join(local, n), "wb") as f:
-                    f.write(content(i))
-            print(f"  wrote local dir in {time.perf_counter() - t:.1f}s", flush=True)
+            def timed_write(label, fn):
+                t = time.perf_counter()
+                fn()
+                record("write", label, {"seconds": time.perf_counter() - t, "samples": a.files,
+                                        "bytes": a.files * a.file_size}, "-")
+
+            def write_local():
+                for i, n in enumerate(names):
+                    with open(os.path.join(local, n), "wb") as f:
+                        f.write(content(i))
+            timed_write("local dir, open().write(), 1 thread", write_local)
             with volume("benchfiles") as vol:           # small files packed (as `cp` does)
-                t = time.perf_counter()
                 for d in sorted({n.split("/")[0] for n in names}):
                     vol.makedirs(f"/files/{d}")
-                vol.write_many((f"/files/{names[i]}", content(i)) for i in range(a.files))
-                print(f"  wrote volume (write_many: packed) in {time.perf_counter() - t:.1f}s, "
-                      f"{vol.metrics()['put_count']} objects", flush=True)
+                timed_write("torchjuice Volume.write_many (packed), 1 thread", lambda: vol.write_many(
+                    (f"/files/{names[i]}", content(i)) for i in range(a.files)))
+                print(f"  {vol.metrics()['put_count']} objects", flush=True)
             with volume("benchfiles1") as vol:          # one object per file (write_bytes)
-                t = time.perf_counter()
                 for d in sorted({n.split("/")[0] for n in names}):
                     vol.makedirs(f"/files/{d}")
-                put_many(lambda i: vol.write_bytes(f"/files/{names[i]}", content(i)), range(a.files))
-                print(f"  wrote volume (write_bytes: one object per file) in "
-                      f"{time.perf_counter() - t:.1f}s", flush=True)
+                timed_write("torchjuice Volume.write_bytes, 8 threads", lambda: put_many(
+                    lambda i: vol.write_bytes(f"/files/{names[i]}", content(i)), range(a.files)))
             client.create_bucket(Bucket="bench-files")
-            t = time.perf_counter()
-            put_many(lambda i: client.put_object(Bucket="bench-files", Key=f"files/{names[i]}",
-                                                 Body=content(i)), range(a.files))
-            print(f"  wrote bucket in {time.perf_counter() - t:.1f}s", flush=True)
+            timed_write("boto3 put_object, 8 threads", lambda: put_many(
+                lambda i: client.put_object(Bucket="bench-files", Key=f"files/{names[i]}",
+                                            Body=content(i)), range(a.files)))
 
             # listing the same files three ways
             t = time.perf_counter()
@@ -486,6 +490,15 @@ def tables(rows: list[dict]) -> str:
                  f"(b) {sel[0]['samples']} samples in tar shards")
         out_tables.append(fmt_table([title, "epoch", "samples", "samples/s", "MiB/s",
                                      "vs local dir", "vs s3torchconnector same epoch", "load"], out))
+    wr = [r for r in rows if r["part"] == "write"]
+    if wr:
+        ref = next((r for r in wr if r["label"].startswith("boto3")), None)
+        out_tables.append(fmt_table(
+            [f"writing {wr[0]['samples']} files x {wr[0]['bytes'] / wr[0]['samples'] / 1024:.0f} KiB",
+             "seconds", "files/s", "MiB/s", "vs boto3 put_object", "load"],
+            [[r["label"], f"{r['seconds']:.1f}", f"{r['samples_per_s']:.0f}",
+              f"{r['MiB_per_s']:.1f}", f"{ref['seconds'] / r['seconds']:.2f}x" if ref else "-",
+              f"{r.get('load1', float('nan')):.1f}"] for r in wr]))
     lst = [r for r in rows if r["part"] == "list"]
     if lst:
         out_tables.append(fmt_table(["listing", "files", "seconds", "files/s", "load"],

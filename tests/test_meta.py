@@ -492,6 +492,36 @@ def test_chunks_write_read_truncate(m):
     assert m.check() == []
 
 
+def test_create_files_in_one_transaction(m):
+    """A batch of creates: new names made, existing and repeated ones left (None), the parent
+    and the counters as for create one by one."""
+    d = m.mkdir(ROOT_INODE, "d")
+    old = m.create(d.inode, "old")
+    calls = []
+    real = m.txn
+    m.txn = lambda fn, **kw: calls.append(kw) or real(fn, **kw)
+    try:
+        got = m.create_files(d.inode, ["a", "old", "b", "a", "c"], mode=0o600)
+    finally:
+        del m.txn
+    assert len(calls) == 1
+    assert [g is None for g in got] == [False, True, False, True, False]
+    made = [g for g in got if g is not None]
+    assert len({a.inode for a in made}) == 3 and old.inode not in {a.inode for a in made}
+    for name, a in zip(["a", "b", "c"], made):
+        assert m.lookup(d.inode, name) == a
+        assert a.is_file and a.length == 0 and a.nlink == 1 and a.mode & 0o777 == 0o600
+    assert sorted(n for n, _ in m.readdir(d.inode)) == ["a", "b", "c", "old"]
+    assert m.create_files(d.inode, []) == []
+    with _errno(errno.ENOTDIR):
+        m.create_files(old.inode, ["x"])
+    with _errno(errno.ENOENT):
+        m.create_files(999_999, ["x"])
+    with _errno(errno.EINVAL):
+        m.create_files(d.inode, ["bad/name"])
+    assert m.check() == []
+
+
 def test_resolve_slices_many(m):
     """One transaction for many paths: each answer is resolve_slices' own, errors per path."""
     d = m.mkdir(ROOT_INODE, "d")

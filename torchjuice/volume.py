@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import itertools
 import json
 import os
 import posixpath
@@ -31,6 +32,7 @@ from .vfs.writer import PackWriter
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 BUFFER_SIZE = 1 << 20       # the io.Buffered* buffer: small reads and writes are batched this far
+WRITE_MANY_BATCH = 64       # write_many: files made new per metadata transaction (held in memory)
 
 
 # -- where volumes live ----------------------------------------------------------------------------
@@ -472,25 +474,59 @@ class Volume:
         limit = bs // 4 if pack_max is None else min(pack_max, bs)
         packer = PackWriter(self.meta, self.chunks)
         total = 0
+        it = iter(items.items() if hasattr(items, "items") else items)
         try:
-            for path, data in (items.items() if hasattr(items, "items") else items):
-                if not isinstance(data, (bytes, bytearray)):
-                    data = memoryview(data).cast("B")
-                n = len(data)
-                attr, _p = self._open_attr(path, True, False, True)      # created or emptied
-                if attr.inode in packer.waiting:        # written twice: commit the first one,
-                    packer.flush()                      # then empty the file again
-                    attr, _p = self._open_attr(path, True, False, True)
-                if 0 < n <= limit:
-                    packer.add(attr.inode, data)
-                elif n:
-                    self.write_bytes(path, data)
-                total += n
-                if progress is not None:
-                    progress(n)
+            while True:
+                batch = list(itertools.islice(it, WRITE_MANY_BATCH))
+                if not batch:
+                    break
+                made = self._create_new(batch)
+                for k, (path, data) in enumerate(batch):
+                    if not isinstance(data, (bytes, bytearray)):
+                        data = memoryview(data).cast("B")
+                    n = len(data)
+                    attr = made.get(k)
+                    if attr is None:                    # it exists (or a bad path: raises here)
+                        attr, _p = self._open_attr(path, True, False, True)   # emptied
+                        if attr.inode in packer.waiting:    # written twice: commit the first
+                            packer.flush()                  # one, then empty the file again
+                            attr, _p = self._open_attr(path, True, False, True)
+                    if 0 < n <= limit:
+                        packer.add(attr.inode, data)
+                    elif n:
+                        self.write_bytes(path, data)
+                    total += n
+                    if progress is not None:
+                        progress(n)
         finally:
             packer.flush()
         return total
+
+    def _create_new(self, batch: list) -> dict[int, Attr]:
+        """The files of ``batch`` (``(path, data)`` pairs) that do not exist yet, created empty,
+        one metadata transaction per directory (``Meta.create_files``): index -> attributes.
+        Anything else -- a file that exists, a bad path, a missing directory -- is left to the
+        one-by-one path, which replaces the file or raises the error naming the path."""
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for k, (path, _data) in enumerate(batch):
+            try:
+                p = self.norm(path)
+            except (OSError, ValueError, TypeError):
+                continue
+            head, name = posixpath.split(p)
+            if name:
+                groups.setdefault(head, []).append((k, name))
+        made: dict[int, Attr] = {}
+        for head, members in groups.items():
+            try:
+                d = self._resolve(head)
+                if not d.is_dir:
+                    continue
+                attrs = self.meta.create_files(d.inode, [name for _, name in members])
+            except OSError:
+                continue
+            made.update((k, a) for (k, _), a in zip(members, attrs) if a is not None)
+        return made
 
     # -- names ---------------------------------------------------------------------------------------
     def stat(self, path: str, follow_symlinks: bool = True) -> os.stat_result:

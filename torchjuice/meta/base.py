@@ -904,6 +904,47 @@ class BaseMeta(Meta):
             return a
         return self.txn(fn)
 
+    def create_files(self, parent: int, names: list[str], mode: int = 0o644, uid: int = 0,
+                     gid: int = 0) -> list[Attr | None]:
+        """Create many empty regular files in directory ``parent`` in one transaction (a batch
+        of ``create``); for a name that exists already (or comes twice), None -- the caller
+        handles those one by one. Names are checked as ``create`` checks them."""
+        if not names:
+            return []
+        for name in names:
+            check_name(name)
+            _check_free(parent, name)
+        enames = [_enc(n) for n in names]
+        inos = [self._next_inode() for _ in names]
+        pkey, dkey = _ikey(parent), _dkey(parent)
+
+        def fn(tx):
+            praw = tx.get(pkey)
+            p = self._dir_attr(parent, praw, names[0])
+            if self._in_trash(p):
+                raise oserror(errno.EPERM, names[0], "nothing can be created in the trash")
+            exist = tx.hmget(dkey, enames)
+            now = time.time()
+            out: list[Attr | None] = []
+            seen: set[bytes] = set()
+            for ino, ename, e in zip(inos, enames, exist):
+                if e is not None or ename in seen:
+                    out.append(None)
+                    continue
+                seen.add(ename)
+                a = Attr(ino, TYPE_FILE, mode & 0o7777, uid, gid, now, now, now, 1, 0, parent)
+                tx.set(_ikey(ino), pack_attr(a))
+                tx.hset(dkey, ename, pack_entry(TYPE_FILE, ino))
+                out.append(a)
+            made = len(seen)
+            if made:
+                p.mtime = p.ctime = now
+                tx.set(pkey, pack_attr(p))
+                tx.incrby("usedSpace", made * align4k(0))
+                tx.incrby("totalInodes", made)
+            return out
+        return self.txn(fn)
+
     def readlink(self, inode: int) -> str:
         def fn(tx):
             raw, target = tx.batch([("get", _ikey(inode)), ("get", f"s{inode}")])

@@ -195,6 +195,11 @@ class Meta(ABC):
     def create(self, parent: int, name: str, mode: int = 0o644, uid: int = 0, gid: int = 0) -> Attr:
         return self.mknod(parent, name, TYPE_FILE, mode, uid, gid)
 
+    @abstractmethod
+    def create_files(self, parent: int, names: list[str], mode: int = 0o644, uid: int = 0,
+                     gid: int = 0) -> list[Attr | None]:
+        """Create many empty regular files in one transaction; None for a name that exists."""
+
     def mkdir(self, parent: int, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Attr:
         return self.mknod(parent, name, TYPE_DIR, mode, uid, gid)
 

@@ -458,6 +458,11 @@ class Volume:
         with self.open(path, "wb", buffering=0) as f:
             return f.write(data)
 
+    @property
+    def pack_max(self) -> int:
+        """The largest file :meth:`write_many` packs by default: a quarter of the block size."""
+        return self.chunks.block_size // 4
+
     def write_many(self, items, *, pack_max: int | None = None, progress=None) -> int:
         """Write many whole files: ``items`` is a mapping or an iterable of ``(path, data)``;
         each file is created or replaced, as :meth:`write_bytes` would. Returns the bytes written.
@@ -470,8 +475,7 @@ class Volume:
         are visible when their pack is committed, all of them before this returns; a failure
         leaves the files not yet committed empty (their objects are collected by ``gc``).
         ``progress(nbytes)`` is called per file."""
-        bs = self.chunks.block_size
-        limit = bs // 4 if pack_max is None else min(pack_max, bs)
+        limit = self.pack_max if pack_max is None else min(pack_max, self.chunks.block_size)
         packer = PackWriter(self.meta, self.chunks)
         total = 0
         it = iter(items.items() if hasattr(items, "items") else items)

@@ -208,10 +208,7 @@ class DiskCache:
         try:
             sums = entry[4]
             if sums is None:
-                nseg = _segments(bsize)
-                sums = os.pread(fd, trailer_size(bsize), bsize)
-                self._check_footer(path, sums, nseg)
-                entry[4] = sums
+                sums = entry[4] = self._trailer(fd, path, bsize)
             s0, s1 = off // SEGMENT, _segments(off + n)
             a, b = s0 * SEGMENT, min(s1 * SEGMENT, bsize)
             head = os.pread(fd, off - a, a) if off > a else b""
@@ -246,8 +243,7 @@ class DiskCache:
 
     def _read_whole_verified(self, fd: int, path: str, bsize: int) -> bytes:
         nseg = _segments(bsize)
-        tail = os.pread(fd, trailer_size(bsize), bsize)
-        self._check_footer(path, tail, nseg)
+        tail = self._trailer(fd, path, bsize)
         data = os.pread(fd, bsize, 0)
         if len(data) != bsize:
             self._drop(path, "short read")
@@ -306,8 +302,7 @@ class DiskCache:
         almost as much as the copy itself."""
         nseg = _segments(bsize)
         n = len(out)
-        tail = os.pread(fd, trailer_size(bsize), bsize)
-        self._check_footer(path, tail, nseg)
+        tail = self._trailer(fd, path, bsize)
         whole = off == 0 and n == bsize
         s0, s1 = off // SEGMENT, _segments(off + n)
         a, b = s0 * SEGMENT, min(s1 * SEGMENT, bsize)
@@ -330,6 +325,12 @@ class DiskCache:
             self._drop(path, "checksum mismatch")
         if view is not out:
             out[:] = view[off - a: off - a + n]
+
+    def _trailer(self, fd: int, path: str, bsize: int) -> bytes:
+        """The block's trailer (segment checksums, whole-block checksum, footer), checked."""
+        tail = os.pread(fd, trailer_size(bsize), bsize)
+        self._check_footer(path, tail, _segments(bsize))
+        return tail
 
     def _check_footer(self, path: str, tail, nseg: int) -> None:
         if len(tail) != (nseg + 1) * 8 + _FOOTER.size or \
@@ -651,8 +652,7 @@ class DiskCache:
                 size = os.fstat(fd).st_size
                 if size != bsize + trailer_size(bsize):
                     self._drop(path, f"size {size}, not {bsize} bytes and a trailer")
-                tail = os.pread(fd, trailer_size(bsize), bsize)
-                self._check_footer(path, tail, nseg)
+                tail = self._trailer(fd, path, bsize)
             finally:
                 os.close(fd)
         except (CacheMiss, OSError):

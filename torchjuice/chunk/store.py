@@ -282,12 +282,15 @@ class ChunkStore:
                     return False
 
     # -- reads -------------------------------------------------------------------------------------
+    def _in_memory(self, key: str) -> bool:
+        """The block is in the memory buffer, or being fetched into it."""
+        with self._lock:
+            return key in self._buffer or key in self._fetching
+
     def read_block(self, key: str, bsize: int, off: int, out: memoryview) -> None:
         """Fill ``out`` with bytes ``[off, off+len(out))`` of one block."""
         n = len(out)
-        with self._lock:
-            known = key in self._buffer or key in self._fetching
-        if not known:
+        if not self._in_memory(key):
             if self.cache is not None:
                 try:
                     self.cache.read_into(key, bsize, off, out)
@@ -316,9 +319,7 @@ class ChunkStore:
         the store's response body become the result itself (and, blocks being immutable, the
         same object is queued for the disk cache without a copy). Only a block held in the
         memory buffer (or being fetched into it) is copied out of it."""
-        with self._lock:
-            known = key in self._buffer or key in self._fetching
-        if known:
+        if self._in_memory(key):
             return self.fetch(key, bsize)
         if self.cache is not None:
             try:
@@ -339,14 +340,11 @@ class ChunkStore:
         range touches."""
         if off == 0 and n == bsize:
             return self.read_block_bytes(key, bsize)
-        if self.cache is not None:
-            with self._lock:
-                known = key in self._buffer or key in self._fetching
-            if not known:
-                try:
-                    return self.cache.read_range_bytes(key, bsize, off, n)
-                except CacheMiss:
-                    pass
+        if self.cache is not None and not self._in_memory(key):
+            try:
+                return self.cache.read_range_bytes(key, bsize, off, n)
+            except CacheMiss:
+                pass
         buf = bytearray(n)
         self.read_block(key, bsize, off, memoryview(buf))
         return bytes(buf)

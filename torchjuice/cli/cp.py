@@ -138,9 +138,8 @@ def copy(src: str, dst: str, recursive: bool = False, progress: bool = True):
     try:
         if isinstance(d, _Juice):
             vol = d.vol
-            limit = vol.chunks.block_size // 4
-            small = [j for j in jobs if j[2] <= limit]
-            jobs = [j for j in jobs if j[2] > limit]
+            small = [j for j in jobs if j[2] <= vol.pack_max]
+            jobs = [j for j in jobs if j[2] > vol.pack_max]
             for parent in sorted({posixpath.dirname(b.path) for _, b, _ in small}):
                 vol.makedirs(parent, exist_ok=True)
             copied += vol.write_many(((b.path, a.read_all()) for a, b, _ in small),

@@ -144,6 +144,11 @@ def _dkey(ino: int) -> str:
     return f"d{ino}"
 
 
+def _rkey(sid: int) -> str:
+    """A packed slice's count of holders beyond the first (see ``BaseMeta._unref``)."""
+    return f"k{sid}"
+
+
 def _ckey(ino: int, indx: int) -> str:
     return f"c{ino}_{indx}"
 
@@ -355,24 +360,26 @@ class BaseMeta(Meta):
     # range; ``k{sid}`` then counts the references beyond the first. Every path that drops a
     # chunk's slices (unlink, rename over, truncate, compaction, trash cleanup, the last close of
     # an unlinked file) passes them through here: a slice is freed only with its last reference.
-    @staticmethod
-    def _unref(tx, slices: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _unref(self, tx, slices: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """``slices`` each lost one reference (one chunk no longer holds them): returns those
         that nothing refers to any more; the others' counts drop by one (written to ``tx``)."""
         if not slices:
             return slices
-        keys = [f"k{sid}" for sid, _ in slices]
         freed = []
-        for s, k, raw in zip(slices, keys, tx.gets(keys)):
+        for s, raw in zip(slices, tx.gets([_rkey(sid) for sid, _ in slices])):
             if raw is None:
                 freed.append(s)
                 continue
-            left = int(raw) - 1
-            if left > 0:
-                tx.set(k, b"%d" % left)
-            else:
-                tx.delete(k, "str")
+            self._set_holders(tx, s[0], int(raw))       # one holder fewer: raw + 1 - 1
         return freed
+
+    @staticmethod
+    def _set_holders(tx, sid: int, n: int) -> None:
+        """Record that ``n`` chunks hold slice ``sid`` (one needs no record)."""
+        if n > 1:
+            tx.set(_rkey(sid), b"%d" % (n - 1))
+        else:
+            tx.delete(_rkey(sid), "str")
 
     def _unlinked(self, tx, a: Attr, parent, name, to_trash, drop: bool, chunks, now) -> None:
         """Write what becomes of an inode that lost an entry: moved to the trash, freed (its last
@@ -704,12 +711,14 @@ class BaseMeta(Meta):
         groups: dict[tuple, list[tuple[int, bytes]]] = {}
         slow: list[int] = []
         for i, p in enumerate(paths):
-            names = p.split("/") if p[:1] == "/" else None
-            if names is None or "" in names[1:] or "." in names or ".." in names or \
-                    names[1] == TRASH_NAME:
-                slow.append(i)
+            try:
+                names = self._path_names(p)
+            except OSError:
+                names = None
+            if names is None or not self._plain(names):
+                slow.append(i)              # an error, or a path one walk does not resolve
                 continue
-            groups.setdefault(tuple(names[1:-1]), []).append((i, _enc(names[-1])))
+            groups.setdefault(tuple(names[:-1]), []).append((i, _enc(names[-1])))
 
         def fn(tx):
             out: list = [None] * len(paths)
@@ -720,8 +729,7 @@ class BaseMeta(Meta):
                         if parent else None
                 except OSError:
                     d = False
-                if d is False or (d is not None and d.typ != TYPE_DIR) or \
-                        any(len(n) > MAX_NAME for _, n in members):
+                if d is False or (d is not None and d.typ != TYPE_DIR):
                     late += [i for i, _ in members]
                     continue
                 found = self._files_in(tx, ROOT_INODE if d is None else d.inode,
@@ -754,8 +762,7 @@ class BaseMeta(Meta):
         out = {}
         for n, e in zip(names, ents):
             if e is not None:
-                e = bytes(e)
-                out[n] = [e[0] - 48, int(e[1:]), None, []]
+                out[n] = [*unpack_entry(bytes(e)), None, []]
         files = [f for f in out.values() if f[0] == TYPE_FILE]
         got = tx.batch([op for f in files for op in (("get", _ikey(f[1])),
                                                      ("lrange", _ckey(f[1], 0)))]) if files else []
@@ -763,9 +770,14 @@ class BaseMeta(Meta):
             f[2], f[3] = got[2 * k], got[2 * k + 1]
         return out
 
+    @staticmethod
+    def _plain(names: list[str]) -> bool:
+        """A path that one walk from the root resolves (no trash, no '.' or '..')."""
+        return bool(names) and names[0] != TRASH_NAME and "." not in names and ".." not in names
+
     def _resolve_slices_fn(self, path: str, follow: bool):
         names = self._path_names(path)
-        plain = bool(names) and names[0] != TRASH_NAME and "." not in names and ".." not in names
+        plain = self._plain(names)
 
         def fn(tx):
             a = chunk0 = None
@@ -863,6 +875,13 @@ class BaseMeta(Meta):
             return a
         return self.txn(fn)
 
+    def _creatable_dir(self, parent: int, raw: bytes | None, name) -> Attr:
+        """Directory ``parent`` (its raw attributes ``raw``), checked to take new entries."""
+        p = self._dir_attr(parent, raw, name)
+        if self._in_trash(p):
+            raise oserror(errno.EPERM, name, "nothing can be created in the trash")
+        return p
+
     def mknod(self, parent: int, name: str, typ: int, mode: int = 0o644, uid: int = 0,
               gid: int = 0, target: str | None = None) -> Attr:
         check_name(name)
@@ -883,9 +902,7 @@ class BaseMeta(Meta):
 
         def fn(tx):
             praw, exist = tx.batch([("get", pkey), ("hget", dkey, ename)])
-            p = self._dir_attr(parent, praw, name)
-            if self._in_trash(p):
-                raise oserror(errno.EPERM, name, "nothing can be created in the trash")
+            p = self._creatable_dir(parent, praw, name)
             if exist is not None:
                 raise oserror(errno.EEXIST, name)
             now = time.time()
@@ -919,10 +936,7 @@ class BaseMeta(Meta):
         pkey, dkey = _ikey(parent), _dkey(parent)
 
         def fn(tx):
-            praw = tx.get(pkey)
-            p = self._dir_attr(parent, praw, names[0])
-            if self._in_trash(p):
-                raise oserror(errno.EPERM, names[0], "nothing can be created in the trash")
+            p = self._creatable_dir(parent, tx.get(pkey), names[0])
             exist = tx.hmget(dkey, enames)
             now = time.time()
             out: list[Attr | None] = []
@@ -1451,7 +1465,7 @@ class BaseMeta(Meta):
                 tx.incrby("usedSpace", used)
             files = len(set(done))          # a file listed twice holds the slice in one chunk
             if files > 1:
-                tx.set(f"k{sid}", b"%d" % (files - 1))
+                self._set_holders(tx, sid, files)
             return done, ([] if done else [(sid, size)])
         return self._run(fn)
 
@@ -1759,7 +1773,7 @@ class BaseMeta(Meta):
         shared = [(sid, n) for sid, n in holders.items() if n > 1]
         for i in range(0, len(shared), batch):
             part = shared[i: i + batch]
-            self.txn(lambda tx: [tx.set(f"k{sid}", b"%d" % (n - 1)) for sid, n in part])
+            self.txn(lambda tx: [self._set_holders(tx, sid, n) for sid, n in part])
 
         def finish(tx):
             for k, v in data["counters"].items():
@@ -1860,7 +1874,7 @@ class BaseMeta(Meta):
         holders = Counter(sid for items in lists for sid, _ in self._slices_of([items]))
         problems = []
         for sid, n in holders.items():
-            raw = stored.pop(f"k{sid}", None)
+            raw = stored.pop(_rkey(sid), None)
             have = int(raw) + 1 if raw is not None else 1
             if have != n:
                 problems.append(("sliceref", f"slice {sid} counts {have} references, "
@@ -1921,8 +1935,7 @@ class BaseMeta(Meta):
             self.txn(lambda tx: tx.incrby(name, delta))
         elif kind == "sliceref":
             sid, n = p[2], p[3]
-            self.txn(lambda tx: tx.set(f"k{sid}", b"%d" % (n - 1)) if n > 1 else
-                     tx.delete(f"k{sid}", "str"))
+            self.txn(lambda tx: self._set_holders(tx, sid, n))
         elif kind == "dirrefs":
             ino, places = p[2], p[3]
             a = self.getattr(ino)

@@ -17,7 +17,7 @@ import os
 import sqlite3
 import threading
 
-from .base import ROOT_INODE, BaseMeta, KVTx, backoff, redact
+from .base import ROOT_INODE, BaseMeta, KVTx, backoff, redact, unpack_entry
 
 _DDL_SQLITE = [
     "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID",
@@ -272,7 +272,16 @@ class SQLMeta(BaseMeta):
     # chains the entry lookups (each entry value is b"{typ}{ino}": the next directory's key is
     # 'd' || its digits) and ends with the last inode's attributes; the result is read back exactly
     # as the generic walk would produce it (a symlink costs one more read for its target).
-    _walk_sql: dict
+    _walk_sql: dict             # these statements (and _files_in's), built once per shape
+
+    @property
+    def _sql_digits(self) -> str:
+        """The inode digits of entry value ``{}.v`` (b"{typ}{ino}"), as text to join keys with."""
+        return "convert_from(substr({}.v, 2), 'UTF8')" if self._pg else "substr({}.v, 2)"
+
+    @property
+    def _sql_mark(self) -> str:
+        return "%s" if self._pg else "?"
 
     def _walk_statement(self, depth: int, chunk0: bool = False) -> str:
         """The walk of ``depth`` names; ``chunk0``: one row per slice of the last inode's chunk 0
@@ -280,8 +289,7 @@ class SQLMeta(BaseMeta):
         cache = self.__dict__.setdefault("_walk_sql", {})
         sql = cache.get((depth, chunk0))
         if sql is None:
-            digits = ("convert_from(substr({}.v, 2), 'UTF8')" if self._pg else "substr({}.v, 2)")
-            mark = "%s" if self._pg else "?"
+            digits, mark = self._sql_digits, self._sql_mark
             parts = [f"SELECT {', '.join(f'e{i}.v' for i in range(depth))}, a.v FROM "
                      f"(SELECT 1 AS one) r LEFT JOIN hkv e0 ON e0.k = {mark} AND e0.f = {mark}"]
             for i in range(1, depth):
@@ -322,20 +330,23 @@ class SQLMeta(BaseMeta):
         # one SELECT: the entries, their attributes and chunk 0's slices (a DataLoader batch)
         if not isinstance(tx, _SQLTx) or len(names) > _IN_BATCH:
             return super()._files_in(tx, dir_ino, names)
-        digits = "convert_from(substr(e.v, 2), 'UTF8')" if self._pg else "substr(e.v, 2)"
-        mark = "%s" if self._pg else "?"
-        rows = tx._x(f"SELECT e.f, e.v, a.v, c.v FROM hkv e "
-                     f"LEFT JOIN kv a ON a.k = 'i' || {digits} "
-                     f"LEFT JOIN lkv c ON c.k = 'c' || {digits} || '_0' "
-                     f"WHERE e.k = {mark} AND e.f IN ({','.join([mark] * len(names))}) "
-                     f"ORDER BY e.f, c.id", [f"d{dir_ino}", *names]).fetchall()
+        cache = self.__dict__.setdefault("_walk_sql", {})
+        sql = cache.get(("files", len(names)))
+        if sql is None:
+            digits, mark = self._sql_digits.format("e"), self._sql_mark
+            sql = cache[("files", len(names))] = (
+                f"SELECT e.f, e.v, a.v, c.v FROM hkv e "
+                f"LEFT JOIN kv a ON a.k = 'i' || {digits} "
+                f"LEFT JOIN lkv c ON c.k = 'c' || {digits} || '_0' "
+                f"WHERE e.k = {mark} AND e.f IN ({','.join([mark] * len(names))}) "
+                f"ORDER BY e.f, c.id")
+        rows = tx._x(sql, [f"d{dir_ino}", *names]).fetchall()
         out: dict = {}
         for f, e, a, c in rows:
             f = bytes(f)
             got = out.get(f)
             if got is None:
-                e = bytes(e)
-                got = out[f] = [e[0] - 48, int(e[1:]), None if a is None else bytes(a), []]
+                got = out[f] = [*unpack_entry(bytes(e)), None if a is None else bytes(a), []]
             if c is not None:
                 got[3].append(bytes(c))
         return out

@@ -206,7 +206,9 @@ def test_trash_expires_in_the_background_once_across_clients(request, tmp_path, 
         v.meta.cleanup_trash = lambda *x, _o=orig, **k: runs.append(1) or _o(*x, **k)
         v.meta.cleanup_interval = 0.5
     t0 = time.time()
-    wait_for(lambda: [e["name"] for e in a.trash_list()] == ["new"], what="trash expiry")
+    # expired: the file freed and its hour directory removed (the cleanup's last step)
+    wait_for(lambda: [e["name"] for e in a.trash_list()] == ["new"] and
+             len(a.listdir("/.trash")) == 1, what="trash expiry")
     assert len(store_keys(a)) == 2 and store_keys(a) == live_keys(a)   # /new's 2 blocks stay
     time.sleep(1.5)
     # each client tries every 0.5 s; the lease lets one of them run it per interval

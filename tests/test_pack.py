@@ -367,3 +367,21 @@ def test_a_write_whose_file_another_client_freed_leaves_no_object(request, tmp_p
         f.close()                                   # the commit finds no file
     r = gc(a, min_age=0)
     assert r.leaked == [] and _objects(a) == set()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "redis"])
+def test_write_shared_with_a_file_listed_twice(request, tmp_path, engine):
+    """A file given two ranges of one pack: the later wins, its space and the slice's holders
+    are counted once."""
+    vol = _connect(request, _format(request, tmp_path, engine, trash_days=0))
+    a, b = vol.meta.create(1, "a"), vol.meta.create(1, "b")
+    data = random.Random(11).randbytes(12000)
+    sid = vol.meta.new_slice_id()
+    vol.chunks.put_block(sid, 0, data).result()
+    vol.meta.write_shared(sid, len(data), [(a.inode, 0, 5000), (b.inode, 5000, 1000),
+                                           (a.inode, 6000, 6000)])
+    assert vol.read_bytes("/a") == data[6000:] and vol.read_bytes("/b") == data[5000:6000]
+    assert vol.meta.check() == [] and _refs(vol) == {f"k{sid}": 1}
+    vol.remove("/a")
+    vol.remove("/b")
+    assert _objects(vol) == set() and vol.meta.check() == []

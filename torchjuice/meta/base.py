@@ -1444,23 +1444,25 @@ class BaseMeta(Meta):
                               f"bad range [{off}, {off + n}) of slice {sid} ({size} bytes)")
 
         def fn(tx):
-            raws = tx.gets([_ikey(ino) for ino, _, _ in parts])
+            inos = list(dict.fromkeys(ino for ino, _, _ in parts))
+            attrs = {ino: unpack_attr(ino, raw)
+                     for ino, raw in zip(inos, tx.gets([_ikey(i) for i in inos]))
+                     if raw is not None}
             now = time.time()
             used = 0
             done: list[int] = []
-            for (ino, off, n), raw in zip(parts, raws):
-                if raw is None:
-                    continue
-                a = unpack_attr(ino, raw)
-                if a.typ != TYPE_FILE:
+            for ino, off, n in parts:           # a file listed twice: the later range wins
+                a = attrs.get(ino)
+                if a is None or a.typ != TYPE_FILE:
                     continue
                 old = a.length
                 a.length = max(old, n)
                 a.mtime = a.ctime = now
                 tx.rpush(_ckey(ino, 0), pack_slice(Slice(0, sid, size, off, n)))
-                tx.set(_ikey(ino), pack_attr(a))
                 used += align4k(a.length) - align4k(old)
                 done.append(ino)
+            for ino in dict.fromkeys(done):
+                tx.set(_ikey(ino), pack_attr(attrs[ino]))
             if used:
                 tx.incrby("usedSpace", used)
             files = len(set(done))          # a file listed twice holds the slice in one chunk

@@ -393,6 +393,74 @@ def test_compressed_blocks(request, tmp_path, compression):
     assert stored < len(data) * 0.6
 
 
+def _mixed_writes(vol, path: str) -> tuple[bytes, int]:
+    """Write a file with large ``bytes`` writes (kept by reference, not copied), a small one in
+    the middle of a block (the kept ones are then copied in), a ``bytearray`` and a partial last
+    block; returns the expected content and how many block buffers were taken."""
+    taken = []
+    alloc = vol.chunks.alloc_block
+
+    def counting():
+        taken.append(1)
+        return alloc()
+    vol.chunks.alloc_block = counting
+    parts = [pattern(256 << 10, i) for i in range(4)]           # one whole 1 MiB block
+    parts += [pattern(300 << 10, 10), pattern(100, 11)]         # kept, then a small write
+    parts += [bytearray(pattern(700 << 10, 12))]                 # a mutable buffer: copied
+    parts += [pattern(MiB + (256 << 10), 13)]                    # a whole block by reference
+    parts += [pattern(200 << 10, 14)]                            # a partial last block, kept
+    try:
+        with vol.open(path, "wb", buffering=0) as f:     # unbuffered, as the mount writes
+            for p in parts:
+                f.write(p)
+                if isinstance(p, bytearray):
+                    p[:] = bytes(len(p))            # the caller reuses its buffer at once
+    finally:
+        vol.chunks.alloc_block = alloc
+    return b"".join(bytes(p) if not isinstance(p, bytearray) else b"" for p in parts[:6]) \
+        + pattern(700 << 10, 12) + b"".join(parts[7:]), len(taken)
+
+
+def test_large_bytes_writes_are_kept_not_copied(vol):
+    want, taken = _mixed_writes(vol, "/m")
+    assert vol.read_bytes("/m") == want
+    # one buffer: the block of the small write, which the bytearray's bytes and the head of the
+    # next large write then fill; the other blocks went to the store as the caller's bytes
+    assert taken == 1
+    sizes = sorted(o.size for o in vol.store.list(f"{vol.name}/chunks/"))
+    assert sum(sizes) == len(want)
+
+
+def test_kept_writes_every_engine_and_store(any_vol):
+    want, _ = _mixed_writes(any_vol, "/m")
+    assert any_vol.read_bytes("/m") == want
+
+
+@pytest.mark.parametrize("mode", ["lz4", "writeback", "cache"])
+def test_kept_writes_compressed_cached_or_written_back(request, tmp_path, mode):
+    """Kept pieces are joined where a whole buffer is needed: compression, a cache copy, the
+    write-back staging file."""
+    opts = {"compression": "lz4"} if mode == "lz4" else {}
+    vol = _new_volume(request, tmp_path, "sqlite", "file", block_size=1 * MiB, **opts)
+    if mode != "lz4":
+        vol.close()
+        vol = tj.connect(vol.meta.url, cache_dir=str(tmp_path / "cache"),
+                         writeback=mode == "writeback")
+        request.addfinalizer(vol.close)
+    want, _ = _mixed_writes(vol, "/m")
+    if mode == "writeback":
+        assert vol.chunks.wait_writeback(timeout=30)
+    assert vol.read_bytes("/m") == want
+    if mode == "cache":              # the cache's copies (written in the background) are whole
+        import time
+        objs = list(vol.store.list(f"{vol.name}/chunks/"))
+        deadline = time.time() + 30
+        while not all(vol.chunks.cache.contains(o.key) for o in objs) and time.time() < deadline:
+            time.sleep(0.05)
+        for o in objs:
+            assert vol.chunks.cache.read_bytes(o.key, o.size) == vol.store.get(o.key)
+
+
 def test_corrupt_block_is_an_error_not_wrong_data(vol):
     vol.write_bytes("/c", pattern(2 * MiB))
     key = next(iter(vol.store.list(f"{vol.name}/chunks/"))).key

@@ -166,8 +166,15 @@ class ChunkStore:
         ``data`` must not change until the future is done. ``owner``: a buffer from
         :meth:`alloc_block` behind ``data``, reused once the upload (and any cache write) is done.
         In write-back mode the block is staged durably on local disk first and the returned future
-        is already done."""
-        n = len(data)
+        is already done. ``data`` may also be a list of immutable buffers (``bytes`` or views of
+        them) that make the block in order: the pieces are written as they are where the store
+        can (a ``file://`` store's ``writev``), else joined on the upload thread."""
+        if isinstance(data, list):
+            n = sum(len(p) for p in data)
+            if self.writeback:
+                data = b"".join(data)
+        else:
+            n = len(data)
         if self.writeback:
             key = self.key(sid, index, n)
             self.cache.put(key, data, staged=True)
@@ -210,19 +217,31 @@ class ChunkStore:
                           attempt, delay)
                 time.sleep(delay)
 
-    def _put(self, key: str, data) -> None:
+    def _put(self, key: str, data, pieces: bool = False) -> None:
+        """Compress and upload a block; ``pieces``: ``data`` is a list of buffers, stored as
+        they are (no compression)."""
         t = time.perf_counter()
-        body = self.compressor.compress(data)
-        self._retry(self.store.put, key, body)
+        if pieces:
+            self._retry(self.store.put_pieces, key, data)
+            size = sum(len(p) for p in data)
+        else:
+            body = self.compressor.compress(data)
+            self._retry(self.store.put, key, body)
+            size = len(body)
         m = self.metrics
         m.put_seconds += time.perf_counter() - t
         m.put_count += 1
-        m.put_bytes += len(body)
+        m.put_bytes += size
 
     def _upload(self, sid: int, index: int, data, owner) -> None:
-        n = len(data)
+        n = sum(len(p) for p in data) if isinstance(data, list) else len(data)
         try:
             key = self.key(sid, index, n)
+            if isinstance(data, list):
+                if self.compressor.name == "none" and not self.cache_writes:
+                    self._put(key, data, pieces=True)
+                    return
+                data = b"".join(data)
             self._put(key, data)
             if self.cache_writes:
                 self._cache_later(key, data, owner, may_wait=False)   # "wait" is for reads

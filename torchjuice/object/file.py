@@ -22,6 +22,19 @@ TEMP_PREFIX = ".tjtmp."
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_BINARY = getattr(os, "O_BINARY", 0)
+_IOV_MAX = 1024                  # buffers per writev (Linux IOV_MAX)
+
+
+def _write_all(fd: int, views: list[memoryview]) -> None:
+    """Write every buffer of ``views``, in order (``writev``, resumed after a short write)."""
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i:i + _IOV_MAX])
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])
+            i += 1
+        if n:
+            views[i] = views[i][n:]
 
 
 class FileStore(ObjectStore):
@@ -60,11 +73,18 @@ class FileStore(ObjectStore):
         os.makedirs(self.root, exist_ok=True)
 
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self.put_pieces(key, [data])
+
+    def put_pieces(self, key: str, pieces: list) -> None:
         path = self._path(key)
         parent = os.path.dirname(path)
-        view = memoryview(data)
-        if view.ndim != 1 or view.format != "B":
-            view = view.cast("B")
+        views = []
+        for p in pieces:
+            view = memoryview(p)
+            if view.ndim != 1 or view.format != "B":
+                view = view.cast("B")
+            if view:
+                views.append(view)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC | _O_BINARY
         for attempt in range(3):
             tmp = os.path.join(parent, TEMP_PREFIX + os.urandom(8).hex())
@@ -78,9 +98,7 @@ class FileStore(ObjectStore):
             break
         try:
             try:
-                pos, n = 0, len(view)
-                while pos < n:
-                    pos += os.write(fd, view[pos:])
+                _write_all(fd, views)
             finally:
                 os.close(fd)
             os.replace(tmp, path)

@@ -32,6 +32,11 @@ class ObjectStore(ABC):
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` under ``key``; a reader sees the whole object or none of it."""
 
+    def put_pieces(self, key: str, pieces: list) -> None:
+        """``put`` of the concatenation of ``pieces`` (buffers). Stores that can write them as they
+        are (a local file: one ``writev``) override this to skip joining them first."""
+        self.put(key, b"".join(pieces))
+
     @abstractmethod
     def get(self, key: str, off: int = 0, limit: int = -1) -> bytes:
         """Bytes ``[off, off+limit)`` of the object (to its end when ``limit < 0``)."""

@@ -4,6 +4,10 @@ each slice to the metadata engine in the order the writes happened.
 Upload first, commit second: a crash leaves only unreferenced objects (for ``gc``), never a file
 pointing at missing data. Memory is bounded: a slice keeps at most one partial block; full blocks
 go to the upload pool, which blocks writers while too many bytes are in flight.
+
+Writes are copied into a reused block buffer, except large immutable ones (``bytes`` of at least
+``PIECE_MIN``, e.g. a FUSE mount's requests): those are kept by reference and a block is shipped
+as the list of them (see ``ChunkStore.put_block``), so the writer's thread does no copy.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from ..chunk.store import ChunkStore
 from ..meta import CHUNK_SIZE, Meta, Slice
 
 MAX_PENDING_SLICES = 64     # more uncommitted slices than this (random writes): commit the oldest
+PIECE_MIN = 64 << 10        # immutable writes of at least this size are kept, not copied
 
 
 class SliceBuffer:
@@ -24,6 +29,7 @@ class SliceBuffer:
         self.length = 0
         self.frozen = False
         self._cur: bytearray | None = None     # the block being filled (block_size bytes)
+        self._pieces: list = []                # or: the immutable buffers that fill it so far
         self._n = 0                            # bytes used in it
         self._nblocks = 0
         self._futures = []
@@ -43,9 +49,22 @@ class SliceBuffer:
                 k = bs
                 self._futures.append(self.chunks.put_block(self.sid, self._nblocks, data[:k]))
                 self._nblocks += 1
+            elif self._cur is None and len(data) >= PIECE_MIN and isinstance(data.obj, bytes):
+                # large writes of immutable bytes (a mount's requests): kept by reference, the
+                # block is their concatenation -- no copy on the writer's thread
+                k = min(len(data), bs - self._n)
+                self._pieces.append(data[:k])
+                self._n += k
+                if self._n == bs:
+                    self._ship()
             else:
                 if self._cur is None:
                     self._cur = self.chunks.alloc_block()     # reused: no fresh pages to fault in
+                    pos = 0
+                    for p in self._pieces:                    # what was kept, copied in
+                        self._cur[pos:pos + len(p)] = p
+                        pos += len(p)
+                    self._pieces = []
                 k = min(len(data), bs - self._n)
                 self._cur[self._n: self._n + k] = data[:k]
                 self._n += k
@@ -55,6 +74,11 @@ class SliceBuffer:
             data = data[k:]
 
     def _ship(self) -> None:
+        if self._pieces:
+            pieces, self._pieces, self._n = self._pieces, [], 0
+            self._futures.append(self.chunks.put_block(self.sid, self._nblocks, pieces))
+            self._nblocks += 1
+            return
         buf, n = self._cur, self._n
         self._cur, self._n = None, 0
         view = buf if n == len(buf) else memoryview(buf)[:n]

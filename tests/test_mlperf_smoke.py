@@ -50,3 +50,31 @@ def test_mlperf_smoke(tmp_path):
     assert (out / "mlperf.md").exists()
     # nothing written to the committed results
     assert committed() == before
+
+
+def test_search_doubles_then_bisects():
+    """Doubling until a backend falls below the floor, then bisection between its last N above and
+    its first below; a backend out of budget stops."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.mlperf.run import search
+    capacity = {"a": 11, "b": 16, "c": 0, "d": 100}        # the largest N each one keeps busy
+    calls = []
+
+    def run_n(n, label):
+        calls.append((label, n))
+        return n <= capacity[label]
+
+    def in_budget(label, n):
+        return not (label == "d" and n > 4)
+
+    got = search([1, 2, 4, 8, 16, 32], list(capacity), run_n, in_budget, refine=2)
+    # a: 8 passes, 16 fails; 12 fails, 10 passes.  b: 16 passes, 32 fails; 24, then 20, fail.
+    # c: N=1 fails, nothing to bisect.  d: stopped by its budget after N=4.
+    assert got == {"a": 10, "b": 16, "c": 0, "d": 4}
+    assert [n for lab, n in calls if lab == "a"] == [1, 2, 4, 8, 16, 12, 10]
+    assert [n for lab, n in calls if lab == "b"] == [1, 2, 4, 8, 16, 32, 24, 20]
+    assert [n for lab, n in calls if lab == "c"] == [1]
+    assert [n for lab, n in calls if lab == "d"] == [1, 2, 4]
+    # doubling runs every backend at one N before the next N
+    assert calls[:4] == [("a", 1), ("b", 1), ("c", 1), ("d", 1)]
+    assert search([1, 2, 4], ["a"], run_n, in_budget, refine=0) == {"a": 4}

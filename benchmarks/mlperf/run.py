@@ -197,37 +197,37 @@ class Bench:
         gen = self.generate(lay)
         self.warm_local(lay)
         warm_cache = self.warm_tj_s3(lay)
-        alive = {label: True for label in self.backends}
         t_start = time.time()
-        for n in ns:
-            for label, (kind, state) in self.backends.items():
-                if not alive[label]:
-                    continue
-                if time.time() - t_start > a.search_budget:
-                    print(f"  {label}: search budget of {a.search_budget:.0f}s spent, stop at N<{n}")
-                    alive[label] = False
-                    continue
-                cfg = {"backend": self.backend_cfg(kind, state, warm_cache), "files": lay.files,
-                       "per_file": lay.per_file, "batch": w.batch, "steps": steps,
-                       "compute": compute, "device": a.device, "workers": a.workers,
-                       "prefetch": a.prefetch}
-                tries = []
-                for attempt in range(1 + a.retries):
-                    if attempt:
-                        print(f"  N={n:<3d} {label:36s} below the floor: once more", flush=True)
-                    if kind == "tj-s3" and state == "cold":
-                        cfg["backend"] = self.backend_cfg(kind, state, warm_cache)   # empty cache
-                    tries.append(self.one_run(ctx, wname, w, label, kind, state, n, cfg, lay,
-                                              steps, compute, gen))
-                    if tries[-1]["passed"]:
-                        break
-                row = max(tries, key=lambda r: r["au"] or 0)
-                row["attempts"] = [r["au"] for r in tries]
-                self.rows.append(row)
-                if not row["passed"] and not a.no_stop:
-                    alive[label] = False
-            if not any(alive.values()):
-                break
+
+        def run_n(n: int, label: str) -> bool:
+            kind, state = self.backends[label]
+            cfg = {"backend": self.backend_cfg(kind, state, warm_cache), "files": lay.files,
+                   "per_file": lay.per_file, "batch": w.batch, "steps": steps,
+                   "compute": compute, "device": a.device, "workers": a.workers,
+                   "prefetch": a.prefetch}
+            tries = []
+            for attempt in range(1 + a.retries):
+                if attempt:
+                    print(f"  N={n:<3d} {label:36s} below the floor: once more", flush=True)
+                if kind == "tj-s3" and state == "cold":
+                    cfg["backend"] = self.backend_cfg(kind, state, warm_cache)   # empty cache
+                tries.append(self.one_run(ctx, wname, w, label, kind, state, n, cfg, lay,
+                                          steps, compute, gen))
+                if tries[-1]["passed"]:
+                    break
+            row = max(tries, key=lambda r: r["au"] or 0)
+            row["attempts"] = [r["au"] for r in tries]
+            self.rows.append(row)
+            return row["passed"]
+
+        def in_budget(label: str, n: int) -> bool:
+            if time.time() - t_start > a.search_budget:
+                print(f"  {label}: search budget of {a.search_budget:.0f}s spent, stop before "
+                      f"N={n}")
+                return False
+            return True
+
+        search(ns, list(self.backends), run_n, in_budget, refine=a.refine, no_stop=a.no_stop)
         shutil.rmtree(warm_cache, ignore_errors=True)
 
     def one_run(self, ctx, wname, w, label, kind, state, n, cfg, lay, steps, compute, gen) -> dict:
@@ -297,6 +297,49 @@ class Bench:
 
 
 # -- results ------------------------------------------------------------------------------------------
+def search(ns: list[int], labels: list[str], run_n, in_budget, refine: int = 0,
+           no_stop: bool = False) -> dict[str, int]:
+    """The largest N above the floor per backend: every backend at each N of ``ns`` in turn (so
+    the machine's drift hits them alike) until it falls below (``run_n(n, label)`` is False),
+    then ``refine`` bisection steps between its largest N above the floor and its smallest below
+    (doubling leaves a gap of a factor 2). ``in_budget(label, n)`` False: that backend stops.
+    Returns each backend's largest N above the floor (0: none)."""
+    alive = dict.fromkeys(labels, True)
+    passed_at = dict.fromkeys(labels, 0)
+    failed_at: dict[str, int] = {}
+
+    def run(n: int, label: str) -> bool:
+        ok = run_n(n, label)
+        if ok:
+            passed_at[label] = max(passed_at[label], n)
+        else:
+            failed_at[label] = min(failed_at.get(label, n), n)
+        return ok
+
+    for n in ns:
+        for label in labels:
+            if not alive[label]:
+                continue
+            if not in_budget(label, n):
+                alive[label] = False
+            elif not run(n, label) and not no_stop:
+                alive[label] = False
+        if not any(alive.values()):
+            break
+    for _ in range(refine):
+        todo = {}
+        for label, bad in failed_at.items():
+            good = passed_at[label]
+            if 0 < good < bad and (good + bad) // 2 > good:
+                todo[label] = (good + bad) // 2
+        if not todo:
+            break
+        for label, n in todo.items():
+            if in_budget(label, n):
+                run(n, label)
+    return passed_at
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """Per workload and backend: the largest N whose AU was at or above the floor."""
     out = []
@@ -365,7 +408,7 @@ def tables(rows, ckpt_rows, summ) -> str:
                              f"{r['read_GBps']:.3f}", r["verified"]])
         out.append(fmt_table([f"checkpoint ({ckpt_rows[0]['ranks']} ranks)", "MiB", "write GB/s",
                               "read GB/s", "verified"], body))
-    return "\n\n".join(out) + "\n\n(* = below the floor; the search stops there)"
+    return "\n\n".join(out) + "\n\n(* = below the floor; the doubling stops there)"
 
 
 def chart(rows, path: str) -> None:
@@ -424,6 +467,9 @@ def parse_args(argv=None):
     ap.add_argument("--retries", type=int, default=1,
                     help="a run below the floor is run again this many times; the best AU counts")
     ap.add_argument("--no-stop", action="store_true", help="try every N even after a failure")
+    ap.add_argument("--refine", type=int, default=2,
+                    help="bisection steps between the largest N above the floor and the "
+                         "smallest below it, after the doubling (0: none)")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny: scale 0.0005, 3 steps, N in {1, 2}, every backend and workload")
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
@@ -436,6 +482,7 @@ def parse_args(argv=None):
         a.ckpt_ranks = min(a.ckpt_ranks, 2)
         a.no_stop = True
         a.retries = 0
+        a.refine = 0
         a.search_budget = min(a.search_budget, 120.0)
     a.ns = [int(x) for x in a.ns.split(",")]
     return a
@@ -472,7 +519,9 @@ def main(argv=None) -> None:
         f"Each accelerator is a process (forkserver) with a DataLoader ({a.workers} worker(s), "
         f"prefetch {a.prefetch}) over its 1/N of the files; a barrier ends every step. AU = "
         "compute time / wall time with the first step excluded, per accelerator, then averaged "
-        "(DLIO). N doubles until the AU falls under the floor.\n\n"
+        "(DLIO). N doubles until the AU falls under the floor, then "
+        f"{a.refine} bisection step(s) between the last N above the floor and the first below "
+        f"it (a run below the floor is run {a.retries} more time(s); the best AU counts).\n\n"
         "Cache states (the page cache cannot be dropped here): warm = every file was read once "
         "before the runs (local directory and torchjuice's local-dir store: the page cache; "
         "torchjuice S3 (warm): its local disk cache filled by one read pass); cold = torchjuice "

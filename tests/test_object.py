@@ -64,12 +64,14 @@ def test_put_get_roundtrip(store):
     assert store.head("empty").size == 0
 
 
-def test_put_pieces_stores_their_concatenation(store):
+def test_file_store_put_pieces_stores_their_concatenation(tmp_path):
+    store = create_store(f"file://{tmp_path}/st")
     pieces = [_blob(1 << 20, 2), memoryview(_blob(300_000, 3))[7:], b"", bytearray(b"tail")]
     store.put_pieces("joined", pieces)
     assert store.get("joined") == b"".join(bytes(p) for p in pieces)
     store.put_pieces("none", [])
     assert store.get("none") == b""
+    assert not [n for n in os.listdir(tmp_path / "st") if n.startswith(TEMP_PREFIX)]
 
 
 def test_file_store_put_pieces_resumes_short_writes(tmp_path, monkeypatch):

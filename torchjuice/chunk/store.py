@@ -168,11 +168,12 @@ class ChunkStore:
         In write-back mode the block is staged durably on local disk first and the returned future
         is already done. ``data`` may also be a list of immutable buffers (``bytes`` or views of
         them) that make the block in order: the pieces are written as they are where the store
-        can (a ``file://`` store's ``writev``), else joined on the upload thread."""
+        can (a ``file://`` store's ``writev``), else joined (on the upload thread) into a reused
+        block buffer."""
         if isinstance(data, list):
             n = sum(len(p) for p in data)
             if self.writeback:
-                data = b"".join(data)
+                data, owner = self._joined(data, n)
         else:
             n = len(data)
         if self.writeback:
@@ -238,10 +239,11 @@ class ChunkStore:
         try:
             key = self.key(sid, index, n)
             if isinstance(data, list):
-                if self.compressor.name == "none" and not self.cache_writes:
+                if self.compressor.name == "none" and not self.cache_writes and \
+                        hasattr(self.store, "put_pieces"):
                     self._put(key, data, pieces=True)
                     return
-                data = b"".join(data)
+                data, owner = self._joined(data, n)
             self._put(key, data)
             if self.cache_writes:
                 self._cache_later(key, data, owner, may_wait=False)   # "wait" is for reads
@@ -250,6 +252,17 @@ class ChunkStore:
             if owner is not None:
                 with self._lock:
                     self._retire(owner)         # reused once the cache filler is done with it
+
+    def _joined(self, pieces: list, n: int) -> tuple[memoryview, bytearray]:
+        """``pieces`` (``n`` bytes) copied into one buffer (reused: see :meth:`alloc_block`);
+        ``(view of the bytes, buffer)``."""
+        buf = self._alloc(n)
+        view = memoryview(buf)[:n]
+        pos = 0
+        for p in pieces:
+            view[pos:pos + len(p)] = p
+            pos += len(p)
+        return view, buf
 
     def _upload_staged(self, key: str, bsize: int) -> None:
         fut = self._pool("writeback").submit(self._upload_staged_now, key, bsize)

@@ -76,6 +76,7 @@ class FileStore(ObjectStore):
         self.put_pieces(key, [data])
 
     def put_pieces(self, key: str, pieces: list) -> None:
+        """``put`` of the concatenation of ``pieces`` (buffers), written as they are."""
         path = self._path(key)
         parent = os.path.dirname(path)
         views = []

@@ -30,12 +30,9 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        """Store ``data`` under ``key``; a reader sees the whole object or none of it."""
-
-    def put_pieces(self, key: str, pieces: list) -> None:
-        """``put`` of the concatenation of ``pieces`` (buffers). Stores that can write them as they
-        are (a local file: one ``writev``) override this to skip joining them first."""
-        self.put(key, b"".join(pieces))
+        """Store ``data`` under ``key``; a reader sees the whole object or none of it. (A store
+        that can write a list of buffers without joining them -- a local file, with ``writev``
+        -- also has ``put_pieces(key, pieces)``.)"""
 
     @abstractmethod
     def get(self, key: str, off: int = 0, limit: int = -1) -> bytes:

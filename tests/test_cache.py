@@ -160,11 +160,12 @@ def test_block_bigger_than_the_cache_is_served_uncached(setup):
     assert cache_files(vol) == [] and vol.metrics()["cache_skipped"] >= 1
 
 
-@pytest.mark.parametrize("mode", ["skip", "wait"])
+@pytest.mark.parametrize("mode", ["skip", "wait", "direct"])
 def test_cache_fill_behind_skips_or_waits(setup, monkeypatch, mode):
     """A slow disk under the cache: in "skip" mode (the default) blocks the filler is too far
-    behind for are not cached; in "wait" mode the reads wait and every block is cached; either
-    way the data is right."""
+    behind for are not cached; in "wait" and "direct" modes the reads wait and every block is
+    cached ("direct": with O_DIRECT, and read back with O_DIRECT); either way the data is
+    right."""
     import torchjuice.chunk.disk as disk
     _, client, _ = setup
     data = data_of(12 * MiB, 6)
@@ -190,6 +191,8 @@ def test_cache_fill_behind_skips_or_waits(setup, monkeypatch, mode):
         gets, corrupt = vol.metrics()["get_count"], vol.metrics()["cache_corrupt"]
         assert vol.read_bytes("/f") == data
         assert vol.metrics()["get_count"] == gets and vol.metrics()["cache_corrupt"] == corrupt
+        # "wait" filled the page cache, so its blocks are read from memory; "direct" did not
+        assert (vol.metrics()["cache_direct_reads"] == 12) == (mode == "direct")
     with pytest.raises(ValueError):
         vol.cache_fill = "sometimes"
 
@@ -483,6 +486,34 @@ def test_torn_usage_file_is_rebuilt_from_a_scan(tmp_path):
     assert cache.usage() == used + 10 + trailer_size(10)
     cache.close()
     other.close()
+
+
+def test_blocks_not_in_the_page_cache_are_read_with_o_direct(tmp_path):
+    """A whole block written with O_DIRECT (not in the page cache) is read back with O_DIRECT,
+    checked; one written through the page cache is read from it; a corrupt byte on disk is still
+    a miss, and the block is dropped."""
+    from torchjuice.chunk.disk import CacheMiss
+    cache = DiskCache(str(tmp_path), "vol", capacity=1 << 30)
+    a, b = os.urandom(4 << 20), os.urandom((2 << 20) + 4096 + 77)
+    assert cache.put("a", a, direct=True) and cache.put("b", b, direct=True)
+    assert cache.put("m", a, direct=False)
+    out = bytearray(len(a))
+    cache.read_into("a", len(a), 0, memoryview(out))
+    assert out == a and cache.direct_reads == 1
+    assert cache.read_bytes("b", len(b)) == b and cache.direct_reads == 2
+    cache.read_into("m", len(a), 0, memoryview(out))          # in the page cache: read from it
+    assert out == a and cache.direct_reads == 2
+    part = bytearray(1000)                                      # a partial read: the page cache
+    cache.read_into("a", len(a), 5000, memoryview(part))
+    assert part == a[5000:6000] and cache.direct_reads == 2
+    fd = os.open(cache.path("a"), os.O_WRONLY)                  # one byte flipped on "disk"
+    os.pwrite(fd, bytes([a[100] ^ 1]), 100)
+    os.close(fd)
+    os.posix_fadvise(os.open(cache.path("a"), os.O_RDONLY), 0, 0, os.POSIX_FADV_DONTNEED)
+    with pytest.raises(CacheMiss):
+        cache.read_into("a", len(a), 0, memoryview(out))
+    assert not os.path.exists(cache.path("a")) and cache.corrupt == 1
+    cache.close()
 
 
 @pytest.mark.parametrize("direct", [None, False])

@@ -225,6 +225,34 @@ def test_batch_reads_inline_while_fast_on_threads_while_slow(vol, monkeypatch):
         JuiceDataset([f"juice://{VOL}/f/01", f"juice://{VOL}/f/nope"]).__getitems__([0, 1])
 
 
+def test_cache_fill_follows_the_data_set_size(vol, monkeypatch):
+    """"auto": "wait" (fill through the page cache) for a data set that fits in half the memory,
+    "direct" for a larger one, in the dataset and in its pickled copies (workers); a mode can be
+    given; a wrong one is an error."""
+    import torchjuice.data as data_mod
+    vol.makedirs("/f")
+    for i in range(4):
+        vol.write_bytes(f"/f/{i}", bytes(1000))
+    write_shards(vol, 2, 3)
+    assert JuiceDataset(f"juice://{VOL}/f")._vols.cache_fill == "wait"
+    assert JuiceIterableDataset(f"juice://{VOL}/shards")._vols.cache_fill == "wait"
+    monkeypatch.setattr(data_mod, "_memory_bytes", lambda: 7000)     # a 3.5 KB page cache
+    ds = JuiceDataset(f"juice://{VOL}/f")
+    assert ds._vols.cache_fill == "direct"
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone[2] == bytes(1000) and clone._vols.get(VOL).cache_fill == "direct"
+    it = JuiceIterableDataset(f"juice://{VOL}/shards")
+    assert it._vols.cache_fill == "direct"
+    assert JuiceDataset([f"juice://{VOL}/f/0"])._vols.cache_fill == "wait"     # sizes unknown
+    assert JuiceDataset(f"juice://{VOL}/f", cache_fill="wait")._vols.cache_fill == "wait"
+    assert JuiceIterableDataset(f"juice://{VOL}/shards",
+                                cache_fill="skip")._vols.cache_fill == "skip"
+    with pytest.raises(ValueError, match="cache_fill"):
+        JuiceDataset(f"juice://{VOL}/f", cache_fill="sometimes")
+    with pytest.raises(ValueError, match="cache_fill"):
+        JuiceIterableDataset(f"juice://{VOL}/shards", cache_fill="always")
+
+
 def test_prefetcher_reads_fast_files_inline_and_keeps_order(vol, monkeypatch):
     """Whole files that keep arriving fast are read in the consumer's thread; a slow one, or a
     shard window, goes back to the pool; order and errors are kept."""

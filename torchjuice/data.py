@@ -130,6 +130,13 @@ def expand_braces(pattern: str) -> list[str]:
     return [pattern]
 
 
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return 1 << 62                      # unknown: never "large"
+
+
 def _close_quietly(vol) -> None:
     try:
         vol.close()
@@ -143,17 +150,29 @@ class _Volumes:
     environment); after a fork or in a spawned worker each volume is connected again through
     ``volume_for``."""
 
-    def __init__(self, meta: str | None = None, resolved: dict | None = None):
+    def __init__(self, meta: str | None = None, resolved: dict | None = None,
+                 cache_fill: str = "wait"):
         self.meta = meta
+        self.cache_fill = cache_fill        # set on each volume (see Volume.cache_fill)
         self._resolved: dict[str, str] = dict(resolved or {})
         self._pid = -1
         self._vols: dict = {}
 
     def __getstate__(self):
-        return {"meta": self.meta, "resolved": self._resolved}
+        return {"meta": self.meta, "resolved": self._resolved, "cache_fill": self.cache_fill}
 
     def __setstate__(self, state):
-        self.__init__(state["meta"], state.get("resolved"))
+        self.__init__(state["meta"], state.get("resolved"), state.get("cache_fill", "wait"))
+
+    def set_fill(self, mode: str, total_bytes: int) -> None:
+        """The cache-fill mode for a data set of ``total_bytes`` (-1: unknown): ``"auto"`` is
+        ``"direct"`` when the data set is larger than half of this machine's memory (the page
+        cache cannot keep it from one epoch to the next), else ``"wait"``."""
+        if mode not in ("auto", "wait", "direct", "skip"):
+            raise ValueError(f"cache_fill must be 'auto', 'wait', 'direct' or 'skip', not {mode!r}")
+        if mode == "auto":
+            mode = "direct" if total_bytes > _memory_bytes() // 2 else "wait"
+        self.cache_fill = mode
 
     def resolve(self, name: str) -> str:
         """The engine URL of a volume name, looked up once (then pickled along)."""
@@ -170,7 +189,7 @@ class _Volumes:
             vol = self._vols[name] = volume_for(name, self.resolve(name))
             # a dataset is read epoch after epoch: a cold pass waits for the local cache to take
             # every block rather than leave some uncached for the next epoch to fetch again
-            vol.cache_fill = "wait"
+            vol.cache_fill = self.cache_fill
             if get_worker_info() is not None:
                 # a DataLoader worker ends without running atexit: close the volume from
                 # multiprocessing's exit hook, so that its session ends and the blocks queued for
@@ -283,14 +302,20 @@ class JuiceDataset(Dataset):
     path). Each item is one open + one read; ``DataLoader`` batches are read in parallel threads
     (``__getitems__``), ``io_threads`` at a time. Works with any sampler, ``DistributedSampler``
     included. ``ds.urls[i]`` is the URL of item ``i``.
+
+    ``cache_fill`` (``"auto"``): how reads fill the local disk cache (see ``Volume.cache_fill``):
+    ``"wait"`` (every block cached, through the page cache, so the next epoch reads memory) for a
+    data set that fits in half of this machine's memory, ``"direct"`` (``O_DIRECT``: no page cache
+    to fill and evict) for a larger one; or give the mode.
     """
 
     def __init__(self, url_or_list, transform: Callable | None = None, *, with_url: bool = False,
-                 meta: str | None = None, io_threads: int = 8):
+                 meta: str | None = None, io_threads: int = 8, cache_fill: str = "auto"):
         self.transform = transform
         self.with_url = with_url
         self.io_threads = io_threads
         self._vols = _Volumes(meta)
+        self._vols.set_fill(cache_fill, -1)             # checked now; sized below
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._threaded = False              # the last batch's reads were slow (remote)
@@ -307,6 +332,7 @@ class JuiceDataset(Dataset):
                     raise ValueError(f"no files under {url_or_list}")
                 self.urls = UrlIndex((u for u, _ in files), (s for _, s in files))
                 self._vols.resolve(split_url(url_or_list)[0])
+                self._vols.set_fill(cache_fill, self.urls.total_size)
                 return
         else:
             urls = [_check_url(u) for u in url_or_list]
@@ -425,6 +451,7 @@ class JuiceDataset(Dataset):
         ds = cls(None, transform, meta=meta, **kwargs)
         ds.urls = UrlIndex((_check_url(u) for u, _ in files), (int(s) for _, s in files))
         ds._resolve_names()
+        ds._vols.set_fill(kwargs.get("cache_fill", "auto"), ds.urls.total_size)
         return ds
 
 
@@ -938,14 +965,17 @@ class JuiceIterableDataset(IterableDataset):
 
     Reading: each worker reads ahead on ``io_threads`` threads (default: 2 for tar shards larger
     than ``read_size``, 8 for small files), up to ``prefetch_bytes`` in flight, shards in windows of
-    ``read_size`` — the next shard is fetched while this one is parsed.
+    ``read_size`` — the next shard is fetched while this one is parsed. ``cache_fill``: as for
+    :class:`JuiceDataset` (``"auto"``: ``"direct"`` when the shards are larger than half of this
+    machine's memory).
     """
 
     def __init__(self, urls, shuffle: bool = False, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, *, buffer_size: int = 1000,
                  transform: Callable | None = None, handler: Callable | None = None,
                  meta: str | None = None, read_size: int = 8 * MiB,
-                 prefetch_bytes: int = 64 * MiB, io_threads: int | None = None):
+                 prefetch_bytes: int = 64 * MiB, io_threads: int | None = None,
+                 cache_fill: str = "auto"):
         super().__init__()
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither")
@@ -962,7 +992,9 @@ class JuiceIterableDataset(IterableDataset):
         self._rank, self._world = rank, world_size
         self._explicit_rank = rank is not None
         self._vols = _Volumes(meta)
+        self._vols.set_fill(cache_fill, -1)             # checked now; sized below
         self.shards: list[tuple[str, int]] = _resolve_shards(urls, self._vols, handler)
+        self._vols.set_fill(cache_fill, sum(max(0, n) for _, n in self.shards))
         self._fingerprint = zlib.crc32("\n".join(u for u, _ in self.shards).encode())
         # epoch, resume and "read by workers" live in shared memory: a set_epoch or a
         # load_state_dict in the main process reaches persistent workers

@@ -716,17 +716,22 @@ class Volume:
 
     @property
     def cache_fill(self) -> str:
-        """What a read does when the local disk cache's background fill is behind (more than its
-        buffer, 64 MiB, waiting to be written): ``"skip"`` (the default: the block is not cached
-        this time, so a single pass is never slowed by the cache) or ``"wait"`` (the read waits
-        for room, 5 s at most: a pass that will be read again, such as a DataLoader's epochs,
-        runs at the speed the cache fills and leaves it whole). The datasets set ``"wait"``."""
+        """How the local disk cache is filled by reads. ``"skip"`` (the default): in the
+        background; when the fill is behind (more than its buffer, 64 MiB, waiting to be written)
+        a block is not cached this time, so a single pass is never slowed by the cache.
+        ``"wait"``: the read waits for room instead (5 s at most), so a pass that will be read
+        again, such as a DataLoader's epochs, runs at the speed the cache fills and leaves it
+        whole; blocks go through the page cache (the next pass reads them from memory).
+        ``"direct"``: as ``"wait"``, but blocks are written with ``O_DIRECT``, and whole blocks
+        not in the page cache are read back with ``O_DIRECT`` -- for data sets larger than the
+        page cache, where filling it only evicts what the next epoch would have wanted (and
+        costs CPU). The datasets pick ``"wait"`` or ``"direct"`` (see ``JuiceDataset``)."""
         return self.chunks.cache_fill
 
     @cache_fill.setter
     def cache_fill(self, mode: str) -> None:
-        if mode not in ("skip", "wait"):
-            raise ValueError(f"cache_fill must be 'skip' or 'wait', not {mode!r}")
+        if mode not in ("skip", "wait", "direct"):
+            raise ValueError(f"cache_fill must be 'skip', 'wait' or 'direct', not {mode!r}")
         self.chunks.cache_fill = mode
 
     def metrics(self) -> dict:

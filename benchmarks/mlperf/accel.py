@@ -90,9 +90,11 @@ def make_dataset(cfg: dict, files: list):
     if kind == "tj":
         from torchjuice.data import JuiceDataset, JuiceIterableDataset
         urls = [f"juice://{be['volume']}/{f}" for f in files]
+        fill = be.get("cache_fill", "auto")
         if tar:
-            return JuiceIterableDataset(urls, rank=0, world_size=1, meta=be["meta"])
-        return JuiceDataset(urls, meta=be["meta"])
+            return JuiceIterableDataset(urls, rank=0, world_size=1, meta=be["meta"],
+                                        cache_fill=fill)
+        return JuiceDataset(urls, meta=be["meta"], cache_fill=fill)
     if kind == "local":
         paths = [os.path.join(be["root"], f) for f in files]
         return LocalTars(paths) if tar else LocalFiles(paths)

@@ -110,9 +110,10 @@ class ChunkStore:
         self.cache_fill_buffer = cache_fill_buffer
         self.cache_fill_direct = cache_fill_buffer // 4
         # what a read does when the filler is `cache_fill_buffer` behind: "skip" (the block is not
-        # cached this time; a single pass is not slowed) or "wait" (for room, at most
+        # cached this time; a single pass is not slowed) or "wait"/"direct" (for room, at most
         # FILL_WAIT_MAX seconds: a pass that will be read again -- a DataLoader's epochs -- runs
-        # at the speed the cache fills and leaves it whole)
+        # at the speed the cache fills and leaves it whole); "wait" writes blocks through the
+        # page cache, "direct" with O_DIRECT (see Volume.cache_fill)
         self.cache_fill = "skip"
         if writeback and cache is None:
             raise ValueError("write-back needs a disk cache (cache_dir)")
@@ -435,7 +436,7 @@ class ChunkStore:
         holder = data if owner is None else owner
         with self._lock:
             if self._fill_bytes + n > self.cache_fill_buffer and may_wait and \
-                    self.cache_fill == "wait":
+                    self.cache_fill != "skip":
                 deadline = time.monotonic() + FILL_WAIT_MAX
                 while self._fill_bytes and self._fill_bytes + n > self.cache_fill_buffer:
                     left = deadline - time.monotonic()
@@ -466,11 +467,12 @@ class ChunkStore:
                 return
             key, data, holder = item
             try:
-                # keeping up, or reads wait for us: through the page cache (later reads copy
-                # out of it fastest); falling behind: O_DIRECT, a fraction of the CPU (see
-                # DiskCache._write_block)
-                self.cache.put(key, data, direct=self.cache_fill == "skip" and
-                               self._fill_bytes > self.cache_fill_direct)
+                # "skip" keeping up, or "wait": through the page cache (later reads copy out of
+                # it fastest); "skip" falling behind, or "direct": O_DIRECT, a fraction of the
+                # CPU (see DiskCache._write_block); later reads of such a block use O_DIRECT too
+                mode = self.cache_fill
+                self.cache.put(key, data, direct=mode == "direct" or (
+                    mode == "skip" and self._fill_bytes > self.cache_fill_direct))
             finally:
                 with self._lock:
                     self._fill_bytes -= len(data)

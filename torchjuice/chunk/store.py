@@ -339,7 +339,8 @@ class ChunkStore:
                     with self._lock:
                         self._retire(copy)          # reused once the cache filler is done with it
                 return
-        data = self._pinned(key, bsize)
+        # a part of a block (a small file packed in it, say) wants the page cache for the rest
+        data = self._pinned(key, bsize, direct=n == bsize)
         try:
             copy_into(out, data, off)
         finally:
@@ -407,8 +408,9 @@ class ChunkStore:
             raise CorruptBlockError(f"block {key} holds {len(data)} bytes, not {bsize}")
         return data
 
-    def _download(self, key: str, bsize: int, cache: bool = True):
-        """A whole block, decompressed, from the store; queued for the disk cache when enabled."""
+    def _download(self, key: str, bsize: int, cache: bool = True, direct: bool = True):
+        """A whole block, decompressed, from the store; queued for the disk cache when enabled
+        (``direct=False``: through the page cache even in "direct" mode)."""
         if self.compressor.name == "none":
             data = self._alloc(bsize)
             try:
@@ -419,7 +421,7 @@ class ChunkStore:
         else:
             data = self._get_whole(key, bsize)
         if cache and self.cache is not None:
-            self._cache_later(key, data)
+            self._cache_later(key, data, direct=direct)
         return data
 
     # -- filling the disk cache ----------------------------------------------------------------------
@@ -429,9 +431,12 @@ class ChunkStore:
     # `cache_fill_buffer` bytes, the block is not cached this time (counted in cache_skipped;
     # `warmup` fills synchronously).
 
-    def _cache_later(self, key: str, data, owner=None, may_wait: bool = True) -> None:
+    def _cache_later(self, key: str, data, owner=None, may_wait: bool = True,
+                     direct: bool = True) -> None:
         """Queue a block for the disk cache; ``owner`` is the reusable buffer behind ``data``.
-        ``may_wait``: a read's block, which waits for room in "wait" mode (see cache_fill)."""
+        ``may_wait``: a read's block, which waits for room in "wait" mode (see cache_fill).
+        ``direct=False``: a block read in parts (small files packed in it), written through
+        the page cache even in "direct" mode, since its later partial reads go through it."""
         n = len(data)
         holder = data if owner is None else owner
         with self._lock:
@@ -453,7 +458,7 @@ class ChunkStore:
                 for _ in range(FILL_THREADS):
                     threading.Thread(target=self._fill_loop, args=(self._fill,), daemon=True,
                                      name="tj-cache-fill").start()
-            self._fill.put((key, data, holder))
+            self._fill.put((key, data, holder, direct))
 
     def _fill_loop(self, q: queue.Queue) -> None:
         try:
@@ -465,13 +470,13 @@ class ChunkStore:
             if item is None:
                 q.task_done()
                 return
-            key, data, holder = item
+            key, data, holder, direct = item
             try:
                 # "skip" keeping up, or "wait": through the page cache (later reads copy out of
                 # it fastest); "skip" falling behind, or "direct": O_DIRECT, a fraction of the
                 # CPU (see DiskCache._write_block); later reads of such a block use O_DIRECT too
                 mode = self.cache_fill
-                self.cache.put(key, data, direct=mode == "direct" or (
+                self.cache.put(key, data, direct=(mode == "direct" and direct) or (
                     mode == "skip" and self._fill_bytes > self.cache_fill_direct))
             finally:
                 with self._lock:
@@ -494,8 +499,9 @@ class ChunkStore:
     # the copy out of it. So a user of a block pins it while copying, and a buffer goes back to the
     # free list only once it has left the LRU and nobody holds a pin (readers, the cache filler).
 
-    def _pinned(self, key: str, bsize: int, cache: bool = True):
-        """A whole block, decompressed, pinned: call :meth:`_unpin` when done with it."""
+    def _pinned(self, key: str, bsize: int, cache: bool = True, direct: bool = True):
+        """A whole block, decompressed, pinned: call :meth:`_unpin` when done with it.
+        ``cache``/``direct``: see :meth:`_download`."""
         while True:
             with self._lock:
                 data = self._buffer.get(key)
@@ -510,7 +516,7 @@ class ChunkStore:
             self.metrics.singleflight_waits += 1
             fut.result()            # raises the owner's error; else the block is in the buffer now
         try:
-            data = self._download(key, bsize, cache)
+            data = self._download(key, bsize, cache, direct)
         except BaseException as e:
             with self._lock:
                 del self._fetching[key]

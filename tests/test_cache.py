@@ -516,32 +516,6 @@ def test_blocks_not_in_the_page_cache_are_read_with_o_direct(tmp_path):
     cache.close()
 
 
-def test_direct_mode_fills_parts_read_blocks_through_the_page_cache(setup):
-    """In "direct" mode a block read whole is cached with O_DIRECT (not in the page cache), one
-    read in parts (small files packed in it) through the page cache, where its next partial
-    reads look."""
-    _, client, _ = setup
-    a, b = data_of(MiB, 1), data_of(MiB, 2)
-    w = client(cache=None)
-    w.write_bytes("/a", a)
-    w.write_bytes("/b", b)
-    vol = client()
-    vol.cache_fill = "direct"
-    assert vol.read_bytes("/a") == a
-    with vol.open("/b", "rb", buffering=0, readahead=False) as f:
-        f.seek(1000)
-        assert f.read(5000) == b[1000:6000]
-    vol.chunks.drain_cache_fill()
-    cache = vol.chunks.cache
-    resident = {}
-    for name in ("/a", "/b"):
-        key = vol.info(name)["chunks"][0]["slices"][0]["objects"][0]
-        fd = os.open(cache.path(key), os.O_RDONLY)
-        resident[name] = cache._in_page_cache(fd)
-        os.close(fd)
-    assert resident == {"/a": False, "/b": True}
-
-
 @pytest.mark.parametrize("direct", [None, False])
 def test_big_blocks_cached_with_or_without_o_direct_read_back_verified(tmp_path, direct):
     from torchjuice.chunk.disk import CacheMiss

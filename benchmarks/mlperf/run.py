@@ -462,7 +462,7 @@ def parse_args(argv=None):
     ap.add_argument("--run-seconds", type=float, default=3.0,
                     help="aim of compute time per run (steps = this / compute, bounded)")
     ap.add_argument("--min-steps", type=int, default=6)
-    ap.add_argument("--max-steps", type=int, default=150)
+    ap.add_argument("--max-steps", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers per accelerator")
     ap.add_argument("--prefetch", type=int, default=2, help="DataLoader prefetch_factor")
     ap.add_argument("--cache-fill", choices=["auto", "wait", "direct", "skip"], default="direct",

@@ -339,8 +339,7 @@ class ChunkStore:
                     with self._lock:
                         self._retire(copy)          # reused once the cache filler is done with it
                 return
-        # a part of a block (a small file packed in it, say) wants the page cache for the rest
-        data = self._pinned(key, bsize, direct=n == bsize)
+        data = self._pinned(key, bsize)
         try:
             copy_into(out, data, off)
         finally:
@@ -408,9 +407,8 @@ class ChunkStore:
             raise CorruptBlockError(f"block {key} holds {len(data)} bytes, not {bsize}")
         return data
 
-    def _download(self, key: str, bsize: int, cache: bool = True, direct: bool = True):
-        """A whole block, decompressed, from the store; queued for the disk cache when enabled
-        (``direct=False``: through the page cache even in "direct" mode)."""
+    def _download(self, key: str, bsize: int, cache: bool = True):
+        """A whole block, decompressed, from the store; queued for the disk cache when enabled."""
         if self.compressor.name == "none":
             data = self._alloc(bsize)
             try:
@@ -421,7 +419,7 @@ class ChunkStore:
         else:
             data = self._get_whole(key, bsize)
         if cache and self.cache is not None:
-            self._cache_later(key, data, direct=direct)
+            self._cache_later(key, data)
         return data
 
     # -- filling the disk cache ----------------------------------------------------------------------
@@ -431,12 +429,9 @@ class ChunkStore:
     # `cache_fill_buffer` bytes, the block is not cached this time (counted in cache_skipped;
     # `warmup` fills synchronously).
 
-    def _cache_later(self, key: str, data, owner=None, may_wait: bool = True,
-                     direct: bool = True) -> None:
+    def _cache_later(self, key: str, data, owner=None, may_wait: bool = True) -> None:
         """Queue a block for the disk cache; ``owner`` is the reusable buffer behind ``data``.
-        ``may_wait``: a read's block, which waits for room in "wait" mode (see cache_fill).
-        ``direct=False``: a block read in parts (small files packed in it), written through
-        the page cache even in "direct" mode, since its later partial reads go through it."""
+        ``may_wait``: a read's block, which waits for room in "wait" mode (see cache_fill)."""
         n = len(data)
         holder = data if owner is None else owner
         with self._lock:
@@ -458,7 +453,7 @@ class ChunkStore:
                 for _ in range(FILL_THREADS):
                     threading.Thread(target=self._fill_loop, args=(self._fill,), daemon=True,
                                      name="tj-cache-fill").start()
-            self._fill.put((key, data, holder, direct))
+            self._fill.put((key, data, holder))
 
     def _fill_loop(self, q: queue.Queue) -> None:
         try:
@@ -470,13 +465,13 @@ class ChunkStore:
             if item is None:
                 q.task_done()
                 return
-            key, data, holder, direct = item
+            key, data, holder = item
             try:
                 # "skip" keeping up, or "wait": through the page cache (later reads copy out of
                 # it fastest); "skip" falling behind, or "direct": O_DIRECT, a fraction of the
                 # CPU (see DiskCache._write_block); later reads of such a block use O_DIRECT too
                 mode = self.cache_fill
-                self.cache.put(key, data, direct=(mode == "direct" and direct) or (
+                self.cache.put(key, data, direct=mode == "direct" or (
                     mode == "skip" and self._fill_bytes > self.cache_fill_direct))
             finally:
                 with self._lock:
@@ -499,9 +494,8 @@ class ChunkStore:
     # the copy out of it. So a user of a block pins it while copying, and a buffer goes back to the
     # free list only once it has left the LRU and nobody holds a pin (readers, the cache filler).
 
-    def _pinned(self, key: str, bsize: int, cache: bool = True, direct: bool = True):
-        """A whole block, decompressed, pinned: call :meth:`_unpin` when done with it.
-        ``cache``/``direct``: see :meth:`_download`."""
+    def _pinned(self, key: str, bsize: int, cache: bool = True):
+        """A whole block, decompressed, pinned: call :meth:`_unpin` when done with it."""
         while True:
             with self._lock:
                 data = self._buffer.get(key)
@@ -516,7 +510,7 @@ class ChunkStore:
             self.metrics.singleflight_waits += 1
             fut.result()            # raises the owner's error; else the block is in the buffer now
         try:
-            data = self._download(key, bsize, cache, direct)
+            data = self._download(key, bsize, cache)
         except BaseException as e:
             with self._lock:
                 del self._fetching[key]

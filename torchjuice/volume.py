@@ -722,10 +722,11 @@ class Volume:
         ``"wait"``: the read waits for room instead (5 s at most), so a pass that will be read
         again, such as a DataLoader's epochs, runs at the speed the cache fills and leaves it
         whole; blocks go through the page cache (the next pass reads them from memory).
-        ``"direct"``: as ``"wait"``, but blocks are written with ``O_DIRECT``, and whole blocks
-        not in the page cache are read back with ``O_DIRECT`` -- for data sets larger than the
-        page cache, where filling it only evicts what the next epoch would have wanted (and
-        costs CPU). The datasets pick ``"wait"`` or ``"direct"`` (see ``JuiceDataset``)."""
+        ``"direct"``: as ``"wait"``, but blocks are written with ``O_DIRECT`` -- for data sets
+        larger than the page cache, where filling it only evicts what the next epoch would have
+        wanted (and costs CPU). In every mode, a whole cached block that is not in the page
+        cache is read with ``O_DIRECT``. The datasets pick ``"wait"`` or ``"direct"`` (see
+        ``JuiceDataset``)."""
         return self.chunks.cache_fill
 
     @cache_fill.setter

@@ -7,7 +7,8 @@ go to the upload pool, which blocks writers while too many bytes are in flight.
 
 Writes are copied into a reused block buffer, except large immutable ones (``bytes`` of at least
 ``PIECE_MIN``, e.g. a FUSE mount's requests): those are kept by reference and a block is shipped
-as the list of them (see ``ChunkStore.put_block``), so the writer's thread does no copy.
+as the list of them (see ``ChunkStore.put_block``), so the writer's thread does no copy. (A kept
+piece holds its whole ``bytes`` object alive until its block is uploaded.)
 """
 from __future__ import annotations
 

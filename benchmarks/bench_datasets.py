@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import io
 import os
 import shutil
@@ -47,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from torchjuice.units import parse_size
 
-from .common import RESULTS, LocalFiles, fmt_table, machine, read_all, rewarm, write_results
+from .common import LocalFiles, fmt_table, machine, read_all, rewarm, write_results
 
 MiB = 1 << 20
 REGION = "us-east-1"
@@ -375,6 +374,9 @@ def main() -> None:
             record("shards", "local dir, webdataset", best_local(local, local_wds), "warm")
             juice_epochs("shards", "torchjuice JuiceIterableDataset",
                          lambda: JuiceIterableDataset(f"juice://benchshards/shards/shard-{pattern}.tar"))
+            juice_epochs("shards", "torchjuice JuiceIterableDataset, cache_fill='direct'",
+                         lambda: JuiceIterableDataset(f"juice://benchshards/shards/shard-{pattern}.tar",
+                                                      cache_fill="direct"))
             shutil.rmtree(os.environ["TORCHJUICE_CACHE_DIR"], ignore_errors=True)
             two_epochs("shards", "torchjuice webdataset juice://",
                        lambda: wds.WebDataset(f"juice://benchshards/shards/shard-{pattern}.tar",
@@ -435,22 +437,17 @@ def main() -> None:
         s3.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    if not a.no_save:               # parts not run this time keep their earlier rows
-        old = os.path.join(RESULTS, "datasets.json")
-        if os.path.exists(old):
-            with open(old) as f:
-                kept = [r for r in json.load(f).get("rows", []) if r.get("run", "?") not in parts
-                        and r.get("run")]
-            rows[:0] = kept
     print(tables(rows))
     if not a.no_save:
         notes = (f"DataLoader: {a.workers} workers (fork), batch {a.batch}; the collate reduces each "
                  "batch to (samples, bytes) in the worker. cold = first epoch of a fresh client "
                  "(empty local cache); warm = second epoch; warm3 = third (torchjuice's local disk "
                  "cache is on by default for an S3 store; its fill runs in the background at a "
-                 "low priority (nice 10); the datasets set cache_fill='wait', so a cold epoch "
-                 "waits for the fill rather than leave blocks uncached; the cache size after the "
-                 "cold epoch is in the JSON). s3torchconnector and webdataset have no cache. Local directory rows: from the page cache "
+                 "low priority (nice 10); the datasets' cache_fill='auto' is 'wait' for these data "
+                 "sets (they fit in half the memory): a cold epoch waits for the fill rather "
+                 "than leave blocks uncached, through the page cache; the row marked "
+                 "cache_fill='direct' fills and reads the cache with O_DIRECT instead; the cache "
+                 "size after the cold epoch is in the JSON). s3torchconnector and webdataset have no cache. Local directory rows: from the page cache "
                  "(their files read once right before, as this VM reclaims page cache left "
                  "unused), the best of 3 runs; shuffled rows (the DataLoader's "
                  "RandomSampler, seed 0) compare with the shuffled local row. 'vs' columns are "
@@ -460,7 +457,10 @@ def main() -> None:
                  "moto in its own process on loopback, holding its objects in this machine's "
                  "memory; for the shards, the peers' bucket is filled only after torchjuice's "
                  "rows and the volume's objects dropped first.")
-        print("wrote", write_results("datasets", rows, tables(rows), notes))
+        # a run of some parts goes to a file of its own, not over the full run's
+        name = "datasets" if set(parts) >= {"files", "shards", "list"} else \
+            "datasets-" + "-".join(sorted(parts))
+        print("wrote", write_results(name, rows, tables(rows), notes))
 
 
 def tables(rows: list[dict]) -> str:

@@ -912,3 +912,60 @@ def test_dump_and_load_dump(m, tmp_path):
     with pytest.raises(AlreadyFormattedError):
         m.load_dump(data)
     copy.close()
+
+
+# -- connections: threads that end, forks ------------------------------------------------------------
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_thread_s_connection_closes_when_the_thread_ends(m):
+    """Threads come and go (the background cleanup runs in a new one each interval, trio's
+    worker threads exit when idle): each one's connection is closed with it, not kept until the
+    client closes (SQLite: two descriptors per connection, one more pair a minute before)."""
+    import gc
+    m.statfs()                                  # this thread's connection
+    base_conns, base_fds = len(m._conns), _open_fds()
+    for _ in range(20):
+        t = threading.Thread(target=m.statfs)
+        t.start()
+        t.join()
+    gc.collect()
+    assert len(m._conns) == base_conns
+    assert _open_fds() <= base_fds + 2          # the engine's own (a socket may reconnect)
+    assert m.statfs()[1] >= 1                   # this thread's connection still works
+
+
+def test_fork_while_another_thread_is_in_a_transaction(tmp_path):
+    """SQLite marks a lock as held in a process-wide table: a child forked while another thread
+    was inside a write transaction found the database locked for good (for half an hour of
+    retries). The fork now waits for the transaction to end."""
+    url = f"sqlite3://{tmp_path}/fork.db"
+    meta = new_meta(url)
+    meta.init(FMT)
+    inside, go_on = threading.Event(), threading.Event()
+
+    def slow_write(tx):
+        tx.set("k", b"parent")
+        inside.set()
+        go_on.wait(10)
+
+    writer = threading.Thread(target=meta.txn, args=(slow_write,))
+    writer.start()
+    assert inside.wait(10)
+    threading.Timer(0.3, go_on.set).start()      # the fork waits for this transaction
+    pid = os.fork()
+    if pid == 0:                                # the child: a client of its own writes
+        code = 1
+        try:
+            child = new_meta(url)
+            child.busy_timeout_ms, child.max_retries = 500, 2
+            child.txn(lambda tx: tx.set("k", b"child"))
+            code = 0 if child.txn(lambda tx: tx.get("k"), readonly=True) == b"child" else 2
+        finally:
+            os._exit(code)
+    writer.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert meta.txn(lambda tx: tx.get("k"), readonly=True) == b"child"
+    meta.close()

@@ -198,6 +198,28 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+
+class _ThreadConn:
+    """Closes a thread's engine connection when the thread ends: it lives in the thread's
+    ``threading.local`` storage, which Python drops then. Never in a forked child: the
+    connections it inherited are the parent's (see ``_reset_engine``)."""
+    __slots__ = ("conn", "meta", "pid")
+
+    def __init__(self, conn, meta):
+        self.conn = conn
+        self.meta = weakref.ref(meta)
+        self.pid = os.getpid()
+
+    def __del__(self):
+        meta = self.meta()
+        if meta is None or self.pid != os.getpid():
+            return
+        try:
+            if meta._forget_conn(self.conn):
+                meta._disconnect(self.conn)
+        except Exception:
+            pass
+
 class BaseMeta(Meta):
     """All the file-system logic; subclasses implement :meth:`txn` (and may override
     :meth:`_incr`, :meth:`_walk`, :meth:`_close_engine`, :meth:`_reset_engine`).
@@ -247,7 +269,25 @@ class BaseMeta(Meta):
 
     # Engines keep one connection per thread, registered in ``self._conns`` (guarded by
     # ``self._conns_lock``, the thread's own in ``self._local.conn``); the bookkeeping is here,
-    # closing one connection is the engine's ``_disconnect``.
+    # closing one connection is the engine's ``_disconnect``. A thread's connection is closed when
+    # the thread ends (``_ThreadConn``): threads come and go (the background cleanup runs in a new
+    # one each interval, trio's worker threads exit when idle), and each kept its connection --
+    # two file descriptors on SQLite -- until the client closed, one more per minute.
+    def _register_conn(self, c) -> None:
+        """Make ``c`` this thread's connection."""
+        self._local.conn = c
+        self._local.closer = _ThreadConn(c, self)
+        with self._conns_lock:
+            self._conns.append(c)
+
+    def _forget_conn(self, c) -> bool:
+        """Unregister ``c``; False when it was not registered (closed already)."""
+        with self._conns_lock:
+            if c in self._conns:
+                self._conns.remove(c)
+                return True
+        return False
+
     def _disconnect(self, c) -> None:
         c.close()
 
@@ -255,9 +295,8 @@ class BaseMeta(Meta):
         """Forget and close a broken connection of this thread."""
         if getattr(self._local, "conn", None) is c:
             self._local.conn = None
-        with self._conns_lock:
-            if c in self._conns:
-                self._conns.remove(c)
+            self._local.closer = None
+        self._forget_conn(c)
         try:
             self._disconnect(c)
         except Exception:

@@ -265,10 +265,8 @@ class RedisMeta(BaseMeta):
             except (rexc.ConnectionError, rexc.TimeoutError, OSError) as e:
                 raise ConnectionError(f"cannot connect to Redis at {redact(self.url)}: {e}") \
                     from None
-            self._local.conn = c
+            self._register_conn(c)
             self._local.unwatch = False
-            with self._conns_lock:
-                self._conns.append(c)
         return c
 
     def _disconnect(self, c) -> None:

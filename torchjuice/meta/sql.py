@@ -13,11 +13,70 @@ READ ONLY snapshots. Serialization failures and deadlocks are retried.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
+import time
 
 from .base import ROOT_INODE, BaseMeta, KVTx, backoff, redact, unpack_entry
+
+log = logging.getLogger("torchjuice.meta")
+
+
+# -- fork safety (SQLite) ------------------------------------------------------------------------------
+# SQLite keeps the locks of all of a process's connections to a file in process-wide tables. A
+# child forked while a thread of the parent is inside a transaction inherits those tables with
+# the lock marked as held -- by a connection that does not exist in the child -- and every write
+# the child then tries, on a connection of its own, waits for it in vain: "database is locked"
+# after busy_timeout x max_retries (half an hour; a DataLoader worker forked while the heartbeat
+# wrote its session record hung so). So a fork waits until no thread is inside a SQLite
+# transaction, and no transaction starts until the fork is done.
+FORK_WAIT = 30.0                    # seconds a fork waits for transactions to end, at most
+
+
+class _ForkGate:
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._active = 0
+        self._forking = False
+
+    def enter(self) -> None:
+        with self._cond:
+            while self._forking:
+                self._cond.wait()
+            self._active += 1
+
+    def exit(self) -> None:
+        with self._cond:
+            self._active -= 1
+            if not self._active:
+                self._cond.notify_all()
+
+    def before_fork(self) -> None:
+        self._cond.acquire()                # held through the fork
+        self._forking = True
+        deadline = time.monotonic() + FORK_WAIT
+        while self._active:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("forking while %d SQLite transaction(s) still run: the child may "
+                            "find the database locked", self._active)
+                break
+            self._cond.wait(left)
+
+    def after_fork_in_parent(self) -> None:
+        self._forking = False
+        self._cond.notify_all()
+        self._cond.release()
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()                     # no thread of the parent runs here
+
+
+_gate = _ForkGate()
+os.register_at_fork(before=_gate.before_fork, after_in_parent=_gate.after_fork_in_parent,
+                    after_in_child=_gate.after_fork_in_child)
 
 _DDL_SQLITE = [
     "CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID",
@@ -207,9 +266,7 @@ class SQLMeta(BaseMeta):
         c = getattr(self._local, "conn", None)
         if c is None:
             c = self._connect_pg() if self._pg else self._connect_sqlite()
-            self._local.conn = c
-            with self._conns_lock:
-                self._conns.append(c)
+            self._register_conn(c)
         return c
 
     def _connect_sqlite(self):
@@ -368,9 +425,14 @@ class SQLMeta(BaseMeta):
             lost = psycopg.OperationalError
             begin = ("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY" if readonly else
                      f"BEGIN; SELECT pg_advisory_xact_lock({_PG_LOCK})")
-        else:
-            lost = ()
-            begin = "BEGIN" if readonly else "BEGIN IMMEDIATE"
+            return self._txn(fn, begin, lost, readonly)
+        _gate.enter()                       # see _ForkGate
+        try:
+            return self._txn(fn, "BEGIN" if readonly else "BEGIN IMMEDIATE", (), readonly)
+        finally:
+            _gate.exit()
+
+    def _txn(self, fn, begin: str, lost, readonly: bool):
         attempt = 0
         while True:
             c = self._conn()

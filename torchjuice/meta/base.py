@@ -198,7 +198,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-
 class _ThreadConn:
     """Closes a thread's engine connection when the thread ends: it lives in the thread's
     ``threading.local`` storage, which Python drops then. Never in a forked child: the
@@ -219,6 +218,7 @@ class _ThreadConn:
                 meta._disconnect(self.conn)
         except Exception:
             pass
+
 
 class BaseMeta(Meta):
     """All the file-system logic; subclasses implement :meth:`txn` (and may override

@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from .volume import find_meta_url, open_url, split_url, volume_for
+from .volume import CACHE_FILL_MODES, find_meta_url, open_url, split_url, volume_for
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,9 @@ class _Volumes:
         """The cache-fill mode for a data set of ``total_bytes`` (-1: unknown): ``"auto"`` is
         ``"direct"`` when the data set is larger than half of this machine's memory (the page
         cache cannot keep it from one epoch to the next), else ``"wait"``."""
-        if mode not in ("auto", "wait", "direct", "skip"):
-            raise ValueError(f"cache_fill must be 'auto', 'wait', 'direct' or 'skip', not {mode!r}")
+        if mode != "auto" and mode not in CACHE_FILL_MODES:
+            raise ValueError(f"cache_fill must be auto or one of {', '.join(CACHE_FILL_MODES)}, "
+                             f"not {mode!r}")
         if mode == "auto":
             mode = "direct" if total_bytes > _memory_bytes() // 2 else "wait"
         self.cache_fill = mode

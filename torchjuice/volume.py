@@ -32,6 +32,7 @@ from .vfs.writer import PackWriter
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 BUFFER_SIZE = 1 << 20       # the io.Buffered* buffer: small reads and writes are batched this far
+CACHE_FILL_MODES = ("skip", "wait", "direct")        # see Volume.cache_fill
 WRITE_MANY_BATCH = 64       # write_many: files made new per metadata transaction (held in memory)
 
 
@@ -731,8 +732,9 @@ class Volume:
 
     @cache_fill.setter
     def cache_fill(self, mode: str) -> None:
-        if mode not in ("skip", "wait", "direct"):
-            raise ValueError(f"cache_fill must be 'skip', 'wait' or 'direct', not {mode!r}")
+        if mode not in CACHE_FILL_MODES:
+            raise ValueError(f"cache_fill must be one of {', '.join(CACHE_FILL_MODES)}, "
+                             f"not {mode!r}")
         self.chunks.cache_fill = mode
 
     def metrics(self) -> dict:

@@ -247,10 +247,9 @@ class DiskCache:
     def _read_whole_verified(self, fd: int, path: str, bsize: int) -> bytes:
         nseg = _segments(bsize)
         tail = self._trailer(fd, path, bsize)
-        if bsize >= DIRECT_MIN and not self._in_page_cache(fd):
-            data = self._read_direct(path, bsize, tail[nseg * 8: nseg * 8 + 8])
-            if data is not None:
-                return data
+        data = self._whole_direct(fd, path, bsize, tail)
+        if data is not None:
+            return data
         data = os.pread(fd, bsize, 0)
         if len(data) != bsize:
             self._drop(path, "short read")
@@ -266,6 +265,14 @@ class DiskCache:
     # bandwidth here: ~1.5 GB/s). Whether the block is in the page cache: a RWF_NOWAIT read of
     # its first page (no I/O; EAGAIN when it would need the disk). Its last page is no guide:
     # the unaligned end of a block is written through the page cache.
+
+    def _whole_direct(self, fd: int, path: str, bsize: int, tail: bytes, out=None):
+        """A whole block read with :meth:`_read_direct` when it is big and not in the page cache;
+        None when it is not read so (read it the ordinary way)."""
+        if bsize < DIRECT_MIN or self._in_page_cache(fd):
+            return None
+        nseg = _segments(bsize)
+        return self._read_direct(path, bsize, tail[nseg * 8: nseg * 8 + 8], out)
 
     def _in_page_cache(self, fd: int) -> bool:
         if self._direct is False or _RWF_NOWAIT is None:
@@ -374,8 +381,7 @@ class DiskCache:
         n = len(out)
         tail = self._trailer(fd, path, bsize)
         whole = off == 0 and n == bsize
-        if whole and bsize >= DIRECT_MIN and not self._in_page_cache(fd) and \
-                self._read_direct(path, bsize, tail[nseg * 8: nseg * 8 + 8], out):
+        if whole and self._whole_direct(fd, path, bsize, tail, out):
             return
         s0, s1 = off // SEGMENT, _segments(off + n)
         a, b = s0 * SEGMENT, min(s1 * SEGMENT, bsize)

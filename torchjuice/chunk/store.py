@@ -57,6 +57,20 @@ FILL_WAIT_MAX = 5.0             # cache_fill="wait": how long a read waits for t
 COPY_NOGIL_MIN = 256 << 10      # copies at least this big run with the GIL released
 
 
+def nbytes(data) -> int:
+    """The size of a block given as one buffer or as a list of pieces (see ``put_block``)."""
+    return sum(len(p) for p in data) if isinstance(data, list) else len(data)
+
+
+def join_into(buf, pieces: list) -> int:
+    """Copy ``pieces`` into ``buf`` one after the other; returns the bytes copied."""
+    view, pos = memoryview(buf), 0
+    for p in pieces:
+        view[pos:pos + len(p)] = p
+        pos += len(p)
+    return pos
+
+
 def copy_into(out: memoryview, src, off: int = 0) -> None:
     """``out[:] = src[off:off+len(out)]``. A big copy goes through ``ctypes.memmove``, which runs
     without the GIL, so the download threads keep receiving while a reader copies a block out of
@@ -171,12 +185,9 @@ class ChunkStore:
         them) that make the block in order: the pieces are written as they are where the store
         can (a ``file://`` store's ``writev``), else joined (on the upload thread) into a reused
         block buffer."""
-        if isinstance(data, list):
-            n = sum(len(p) for p in data)
-            if self.writeback:
-                data, owner = self._joined(data, n)
-        else:
-            n = len(data)
+        n = nbytes(data)
+        if isinstance(data, list) and self.writeback:
+            data, owner = self._joined(data, n)
         if self.writeback:
             key = self.key(sid, index, n)
             self.cache.put(key, data, staged=True)
@@ -224,19 +235,18 @@ class ChunkStore:
         they are (no compression)."""
         t = time.perf_counter()
         if pieces:
+            body = data
             self._retry(self.store.put_pieces, key, data)
-            size = sum(len(p) for p in data)
         else:
             body = self.compressor.compress(data)
             self._retry(self.store.put, key, body)
-            size = len(body)
         m = self.metrics
         m.put_seconds += time.perf_counter() - t
         m.put_count += 1
-        m.put_bytes += size
+        m.put_bytes += nbytes(body)
 
     def _upload(self, sid: int, index: int, data, owner) -> None:
-        n = sum(len(p) for p in data) if isinstance(data, list) else len(data)
+        n = nbytes(data)
         try:
             key = self.key(sid, index, n)
             if isinstance(data, list):
@@ -258,12 +268,8 @@ class ChunkStore:
         """``pieces`` (``n`` bytes) copied into one buffer (reused: see :meth:`alloc_block`);
         ``(view of the bytes, buffer)``."""
         buf = self._alloc(n)
-        view = memoryview(buf)[:n]
-        pos = 0
-        for p in pieces:
-            view[pos:pos + len(p)] = p
-            pos += len(p)
-        return view, buf
+        join_into(buf, pieces)
+        return memoryview(buf)[:n], buf
 
     def _upload_staged(self, key: str, bsize: int) -> None:
         fut = self._pool("writeback").submit(self._upload_staged_now, key, bsize)

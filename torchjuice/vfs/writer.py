@@ -12,7 +12,7 @@ piece holds its whole ``bytes`` object alive until its block is uploaded.)
 """
 from __future__ import annotations
 
-from ..chunk.store import ChunkStore
+from ..chunk.store import ChunkStore, join_into
 from ..meta import CHUNK_SIZE, Meta, Slice
 
 MAX_PENDING_SLICES = 64     # more uncommitted slices than this (random writes): commit the oldest
@@ -61,10 +61,7 @@ class SliceBuffer:
             else:
                 if self._cur is None:
                     self._cur = self.chunks.alloc_block()     # reused: no fresh pages to fault in
-                    pos = 0
-                    for p in self._pieces:                    # what was kept, copied in
-                        self._cur[pos:pos + len(p)] = p
-                        pos += len(p)
+                    join_into(self._cur, self._pieces)        # what was kept, copied in
                     self._pieces = []
                 k = min(len(data), bs - self._n)
                 self._cur[self._n: self._n + k] = data[:k]

@@ -225,6 +225,54 @@ def test_batch_reads_inline_while_fast_on_threads_while_slow(vol, monkeypatch):
         JuiceDataset([f"juice://{VOL}/f/01", f"juice://{VOL}/f/nope"]).__getitems__([0, 1])
 
 
+_REFAULTS = """
+import os, resource, sys
+from torchjuice.data import tune_malloc
+if sys.argv[1] == "tune":
+    assert tune_malloc()
+def second_batch():
+    fresh = [bytes(os.urandom(16)) * (100 << 10 >> 4) for _ in range(32)]
+    del fresh
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fresh = [bytes(os.urandom(16)) * (100 << 10 >> 4) for _ in range(32)]
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(min(second_batch() for _ in range(3)))
+"""
+
+
+def _tuned_here(batch):              # a collate function: runs in the DataLoader worker
+    import torchjuice.data as data_mod
+    return data_mod._malloc_tuned_pid == os.getpid()
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="glibc's mallopt")
+def test_workers_keep_their_heap_between_batches(vol, monkeypatch):
+    """A batch of 32 x 100 KiB freed and allocated again: a fresh process's glibc gives the freed
+    heap top back to the kernel and faults in new pages (hundreds of faults); with the thresholds
+    tune_malloc pins, the same pages are reused. A DataLoader worker reading through torchjuice
+    pins them; TORCHJUICE_MALLOC_TUNE=0 leaves malloc alone."""
+    import subprocess
+    import sys
+
+    def refaults(mode):
+        out = subprocess.run([sys.executable, "-c", _REFAULTS, mode], capture_output=True,
+                             text=True, check=True)
+        return int(out.stdout)
+    assert refaults("plain") > 200
+    assert refaults("tune") < 50
+    vol.makedirs("/f")
+    vol.write_bytes("/f/a", b"x")
+    ds = JuiceDataset(f"juice://{VOL}/f")
+
+    def tuned():
+        loader = DataLoader(ds, batch_size=1, num_workers=1, collate_fn=_tuned_here,
+                            multiprocessing_context="fork")
+        return next(iter(loader))
+    assert tuned()
+    monkeypatch.setenv("TORCHJUICE_MALLOC_TUNE", "0")
+    assert not tuned()
+
+
 def test_cache_fill_follows_the_data_set_size(vol, monkeypatch):
     """"auto": "wait" (fill through the page cache) for a data set that fits in half the memory,
     "direct" for a larger one, in the dataset and in its pickled copies (workers); a mode can be

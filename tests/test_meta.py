@@ -537,8 +537,19 @@ def test_resolve_slices_many(m):
     m.symlink(ROOT_INODE, "link", "d/f3")
     m.symlink(d.inode, "inlink", "f1")
     m.symlink(ROOT_INODE, "ldir", "d")
+    nested = []                          # a shuffled batch: files in many directories, depths 1-4
+    for a in range(3):
+        da = m.mkdir(ROOT_INODE, f"n{a}")
+        for b in range(3):
+            db = m.mkdir(da.inode, f"\u00e9{b}")
+            f = m.create(db.inode, "x\udcff")            # a name that is not UTF-8
+            m.write_chunk(f.inode, 0, _slice(m, 30 + b))
+            m.create(ROOT_INODE if b else da.inode, f"top{a}{b}")
+            nested += [f"/n{a}/\u00e9{b}/x\udcff", f"/n{a}/top{a}{b}" if not b else f"/top{a}{b}"]
+    m.symlink(ROOT_INODE, "n9", "n1")
     paths = ["/d/f0", "/d/f1", "/nope", "/d/f4", "/d/big", "/link", "/d/f2/x", "/d", "/d/f3",
-             "/d/nope", "/d/inlink", "/ldir/f2", "/nope/f1", "/.trash", "/d/f1"]
+             "/d/nope", "/d/inlink", "/ldir/f2", "/nope/f1", "/.trash", "/d/f1", *nested,
+             "/n9/\u00e90/x\udcff", "/n0/\u00e91/x\udcff/y", "/d/f1/x/y/z", "/n2/nope/x"]
     calls = []
     real = m.txn
     m.txn = lambda fn, **kw: calls.append(kw) or real(fn, **kw)
@@ -549,9 +560,9 @@ def test_resolve_slices_many(m):
     assert calls == [{"readonly": True}]
     assert len(got) == len(paths)
     for p, g in zip(paths, got):
-        if p in ("/nope", "/d/nope", "/nope/f1"):
+        if p in ("/nope", "/d/nope", "/nope/f1", "/n2/nope/x"):
             assert isinstance(g, FileNotFoundError), p
-        elif p == "/d/f2/x":
+        elif p in ("/d/f2/x", "/n0/\u00e91/x\udcff/y", "/d/f1/x/y/z"):
             assert isinstance(g, NotADirectoryError)
         else:
             assert g == m.resolve_slices(p), p
@@ -559,6 +570,31 @@ def test_resolve_slices_many(m):
     (bad,) = m.resolve_slices_many(["relative"])
     assert isinstance(bad, OSError) and bad.errno == errno.EINVAL
     assert m.resolve_slices_many([]) == []
+
+
+def test_a_batch_over_many_directories_is_one_select(tmp_path):
+    """SQL: the files of a batch spread over many directories (a shuffled DataLoader batch) are
+    walked and read by one SELECT, not a walk and a lookup per directory."""
+    m = new_meta(f"sqlite3://{tmp_path}/m.db")
+    m.init(FMT)
+    paths = []
+    for a in range(4):
+        da = m.mkdir(ROOT_INODE, f"a{a}")
+        for b in range(4):
+            db = m.mkdir(da.inode, f"b{b}")
+            f = m.create(db.inode, "f")
+            m.write_chunk(f.inode, 0, _slice(m, 10 + a + b))
+            paths.append(f"/a{a}/b{b}/f")
+    statements: list[str] = []
+    m._conn().set_trace_callback(statements.append)
+    try:
+        got = m.resolve_slices_many(paths[::-1])
+    finally:
+        m._conn().set_trace_callback(None)
+    assert [g[0].length for g in got] == [10 + a + b for a in range(3, -1, -1) for b in range(3, -1, -1)]
+    reads = [q for q in statements if q.lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert len(reads) == 1, reads
+    m.close()
 
 
 def test_resolve_slices(m, meta_url):

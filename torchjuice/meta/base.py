@@ -743,11 +743,10 @@ class BaseMeta(Meta):
 
     def resolve_slices_many(self, paths: list[str]) -> list:
         """:meth:`resolve_slices` of every path (symlinks followed), in one transaction: for each,
-        ``(attr, chunks)`` or the ``OSError`` it raised. Files are grouped by directory: each
-        directory is walked once, and its files' entries, attributes and chunk 0 are read
-        together (:meth:`_files_in`); anything else (a symlink, a file over one chunk, an error)
-        takes the path of :meth:`resolve_slices`."""
-        groups: dict[tuple, list[tuple[int, bytes]]] = {}
+        ``(attr, chunks)`` or the ``OSError`` it raised. Plain paths are looked up together
+        (:meth:`_files_at`: their entries, attributes and chunk 0); anything else (a symlink, a
+        file over one chunk, an error) takes the path of :meth:`resolve_slices`."""
+        items: list[tuple[int, list[str]]] = []
         slow: list[int] = []
         for i, p in enumerate(paths):
             try:
@@ -757,34 +756,24 @@ class BaseMeta(Meta):
             if names is None or not self._plain(names):
                 slow.append(i)              # an error, or a path one walk does not resolve
                 continue
-            groups.setdefault(tuple(names[:-1]), []).append((i, _enc(names[-1])))
+            items.append((i, names))
 
         def fn(tx):
             out: list = [None] * len(paths)
             late = list(slow)
-            for parent, members in groups.items():
-                try:
-                    d = self._resolve_tx(tx, list(parent), True, "/" + "/".join(parent)) \
-                        if parent else None
-                except OSError:
-                    d = False
-                if d is False or (d is not None and d.typ != TYPE_DIR):
-                    late += [i for i, _ in members]
+            found = self._files_at(tx, items) if items else {}
+            for i, _names in items:
+                f = found.get(i)
+                if f is None or f[0] != TYPE_FILE or f[2] is None:
+                    late.append(i)
                     continue
-                found = self._files_in(tx, ROOT_INODE if d is None else d.inode,
-                                       [n for _, n in members])
-                for i, n in members:
-                    f = found.get(n)
-                    if f is None or f[0] != TYPE_FILE or f[2] is None:
-                        late.append(i)
-                        continue
-                    a = unpack_attr(f[1], f[2])
-                    if a.length <= 0:
-                        out[i] = (a, [])
-                    elif a.length <= CHUNK_SIZE:
-                        out[i] = (a, [unpack_slices(f[3])])
-                    else:
-                        late.append(i)
+                a = unpack_attr(f[1], f[2])
+                if a.length <= 0:
+                    out[i] = (a, [])
+                elif a.length <= CHUNK_SIZE:
+                    out[i] = (a, [unpack_slices(f[3])])
+                else:
+                    late.append(i)
             for i in late:                  # errors named as resolve_slices names them
                 try:
                     out[i] = self._resolve_slices_fn(paths[i], True)(tx)
@@ -792,6 +781,32 @@ class BaseMeta(Meta):
                     out[i] = e
             return out
         return self.txn(fn, readonly=True)
+
+    def _files_at(self, tx, items: list[tuple[int, list[str]]]) -> dict:
+        """For plain paths ``(i, names)``: ``i`` -> ``(type, inode, raw attributes, raw slices
+        of chunk 0)`` of the entry each path names (the last two read for regular files only);
+        a path that does not resolve by a plain walk (missing, a symlink or a file on the way)
+        is left out. Here: each parent directory walked once, its files read together
+        (:meth:`_files_in`); engines may do it all in one statement."""
+        groups: dict[tuple, list[tuple[int, bytes]]] = {}
+        for i, names in items:
+            groups.setdefault(tuple(names[:-1]), []).append((i, _enc(names[-1])))
+        out: dict = {}
+        for parent, members in groups.items():
+            try:
+                d = self._resolve_tx(tx, list(parent), True, "/" + "/".join(parent)) \
+                    if parent else None
+            except OSError:
+                continue
+            if d is not None and d.typ != TYPE_DIR:
+                continue
+            found = self._files_in(tx, ROOT_INODE if d is None else d.inode,
+                                   [n for _, n in members])
+            for i, n in members:
+                f = found.get(n)
+                if f is not None:
+                    out[i] = f
+        return out
 
     def _files_in(self, tx, dir_ino: int, names: list[bytes]) -> dict:
         """The entries ``names`` (encoded) of directory ``dir_ino`` that exist: name ->

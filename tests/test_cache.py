@@ -442,6 +442,39 @@ def test_diskcache_range_bytes_verify_the_segments_around_the_range(tmp_path):
     assert c.corrupt == 2
 
 
+def test_diskcache_ranges_of_packed_files_read_together(tmp_path):
+    """Files packed side by side, read by one call (a sequential batch): each range's bytes in
+    the order asked, adjacent ranges checked as one run, gaps and repeats each on their own; a
+    flipped byte anywhere a run's segments cover -- in a file, between two of them, around them
+    -- is a miss, never bytes."""
+    import random
+    from torchjuice.chunk.disk import SEGMENT, CacheMiss
+    c = DiskCache(str(tmp_path), "u", 100 * MiB)
+    data = data_of(MiB + 77, 15)
+    assert c.put("k/1", data)
+    rnd = random.Random(7)
+    cuts = sorted(rnd.sample(range(1, len(data)), 60))
+    files = list(zip([0] + cuts, [b - a for a, b in zip([0] + cuts, cuts + [len(data)])]))
+    for ranges in (files, files[::-1], files[3:9] + files[20:25] + files[5:6],
+                   [(SEGMENT - 3, 3), (SEGMENT, 5)], [files[0]]):
+        reads = c.hits
+        assert c.read_ranges_bytes("k/1", len(data), ranges) == [data[o: o + n] for o, n in ranges]
+        assert c.hits - reads == len(ranges)
+    run = [(3 * SEGMENT + 100, 700), (3 * SEGMENT + 800, 2 * SEGMENT), (5 * SEGMENT + 800, 50)]
+    for bad in (3 * SEGMENT + 7, 3 * SEGMENT + 799, 4 * SEGMENT + 5, 5 * SEGMENT + 851):
+        assert c.put("k/2", data)
+        path = c.path("k/2")
+        with open(path, "r+b") as f:
+            f.seek(bad)
+            b = f.read(1)
+            f.seek(bad)
+            f.write(bytes([b[0] ^ 1]))
+        with pytest.raises(CacheMiss):
+            c.read_ranges_bytes("k/2", len(data), run)
+        assert not os.path.exists(path)                  # dropped
+    assert c.corrupt == 4
+
+
 def test_a_block_cached_by_an_older_version_is_a_quiet_miss(tmp_path, caplog):
     import struct
     import xxhash

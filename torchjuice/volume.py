@@ -421,33 +421,63 @@ class Volume:
 
     def read_many(self, paths: Sequence[str]) -> list[bytes]:
         """:meth:`read_bytes` of every path, in order: one metadata transaction for them all (a
-        batch of small files, e.g. a DataLoader's), then each file's bytes. The first path that
+        batch of small files, e.g. a DataLoader's), then each file's bytes -- files that lie in
+        one block (packed by :meth:`write_many`) read from it together. The first path that
         fails raises, as ``read_bytes`` would (nothing is returned for the others)."""
         found = self.meta.resolve_slices_many([self.norm(p) for p in paths])
-        out = []
-        for path, got in zip(paths, found):
+        out: list = [None] * len(paths)
+        runs: list[tuple[str, int, list[int], list[tuple[int, int]]]] = []   # one block's files
+        for i, got in enumerate(found):
             if isinstance(got, OSError) or got[0].is_dir:
-                out.append(self.read_bytes(path))          # raises, naming the path
+                out[i] = self.read_bytes(paths[i])          # raises, naming the path
                 continue
+            where = self._in_one_block(*got)
+            if where is None:
+                out[i] = self._read_whole_or_again(paths[i], got)
+            elif runs and runs[-1][0] == where[0]:
+                runs[-1][2].append(i)
+                runs[-1][3].append(where[2:])
+            else:
+                runs.append((where[0], where[1], [i], [where[2:]]))
+        for key, bsize, items, ranges in runs:
             try:
-                out.append(self._read_whole(*got))
-            except FileNotFoundError:                      # changed under us: look again
-                out.append(self.read_bytes(path))
+                datas = self.chunks.read_ranges_bytes(key, bsize, ranges)
+            except FileNotFoundError:                  # changed under us: look again, each
+                datas = [self._read_whole_or_again(paths[i], found[i]) for i in items]
+            for i, data in zip(items, datas):
+                out[i] = data
         return out
+
+    def _read_whole_or_again(self, path: str, got) -> bytes:
+        try:
+            return self._read_whole(*got)
+        except FileNotFoundError:                      # changed under us: look again
+            return self.read_bytes(path)
+
+    def _in_one_block(self, attr: Attr, chunks: list):
+        """``(block key, block size, offset, length)`` of a non-empty file whose bytes are one
+        range of one block (a small file, or one packed with others); else None."""
+        n = attr.length
+        if n == 0 or len(chunks) != 1 or len(chunks[0]) != 1:
+            return None
+        s = chunks[0][0]
+        bs = self.chunks.block_size
+        if n > bs or not s.id or s.pos != 0 or s.len < n:
+            return None
+        index, boff = divmod(s.off, bs)
+        bsize = min(bs, s.size - index * bs)
+        if boff + n > bsize:
+            return None
+        return self.chunks.key(s.id, index, bsize), bsize, boff, n
 
     def _read_whole(self, attr: Attr, chunks: list) -> bytes:
         n = attr.length
         if n == 0:
             return b""
         cs = self.chunks
-        bs = cs.block_size
-        if n <= bs and len(chunks) == 1 and len(chunks[0]) == 1:
-            s = chunks[0][0]          # one slice, one block, the whole file: no buffer at all
-            if s.id and s.pos == 0 and s.len >= n:
-                index, boff = divmod(s.off, bs)
-                bsize = min(bs, s.size - index * bs)
-                if boff + n <= bsize:   # the file, or its range of a packed block
-                    return cs.read_range_bytes(cs.key(s.id, index, bsize), bsize, boff, n)
+        where = self._in_one_block(attr, chunks)
+        if where is not None:           # the file, or its range of a packed block: no buffer
+            return cs.read_range_bytes(*where)
         reader = FileReader(self.meta, cs, attr.inode, 0)
         for index, slices in enumerate(chunks):
             reader.set_slices(index, slices)

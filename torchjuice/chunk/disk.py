@@ -110,6 +110,33 @@ def trailer(data) -> bytes:
     return b"".join(segs) + xxhash.xxh3_64_digest(mv) + _FOOTER.pack(_MAGIC, len(segs))
 
 
+def _segment_digests(pieces: list) -> bytes:
+    """The checksums of the segments that ``pieces`` cover, laid end to end from a segment
+    boundary (the last segment may be short: the block's end)."""
+    out = []
+    h = None                        # the segment open across pieces, and its bytes so far
+    filled = 0
+    for p in pieces:
+        v = memoryview(p)
+        n, pos = len(v), 0
+        if h is not None:
+            pos = min(SEGMENT - filled, n)
+            h.update(v[:pos])
+            filled += pos
+            if filled < SEGMENT:
+                continue
+            out.append(h.digest())
+            h = None
+        while n - pos >= SEGMENT:
+            out.append(xxhash.xxh3_64_digest(v[pos: pos + SEGMENT]))
+            pos += SEGMENT
+        if pos < n:
+            h, filled = xxhash.xxh3_64(v[pos:]), n - pos
+    if h is not None:
+        out.append(h.digest())
+    return b"".join(out)
+
+
 class DiskCache:
     def __init__(self, root: str, volume_uuid: str, capacity: int, free_ratio: float = 0.1):
         self.dir = os.path.join(os.path.abspath(os.path.expanduser(root)), volume_uuid)
@@ -201,48 +228,54 @@ class DiskCache:
         return data
 
     def read_range_bytes(self, key: str, bsize: int, off: int, n: int) -> bytes:
-        """Bytes ``[off, off+n)`` of the cached block as a new ``bytes`` object, verified. The
-        kernel copies the range straight into the object ``os.pread`` returns; the parts of the
-        first and last checksum segments outside the range are read on their own, and each
-        segment is hashed across the pieces (the block's checksums are kept with the open fd).
-        Raises CacheMiss like :meth:`read_into`."""
+        """Bytes ``[off, off+n)`` of the cached block as a new ``bytes`` object, verified (see
+        :meth:`read_ranges_bytes`). Raises CacheMiss like :meth:`read_into`."""
+        return self.read_ranges_bytes(key, bsize, [(off, n)])[0]
+
+    def read_ranges_bytes(self, key: str, bsize: int, ranges: list[tuple[int, int]]) -> list:
+        """Bytes ``[off, off+n)`` of the cached block for each ``(off, n)`` of ``ranges``, as new
+        ``bytes`` objects, verified. The kernel copies each range straight into the object
+        ``os.pread`` returns. Ranges that follow one another (files packed side by side, read by
+        one sequential batch) are checked as one run: the parts of its first and last checksum
+        segments outside it are read once, and each segment is hashed across the pieces (the
+        block's checksums are kept with the open fd). Raises CacheMiss like :meth:`read_into`."""
         entry = self._acquire(key)
         fd, path = entry[0], entry[1]
+        out: list = [None] * len(ranges)
         try:
             sums = entry[4]
             if sums is None:
                 sums = entry[4] = self._trailer(fd, path, bsize)
-            s0, s1 = off // SEGMENT, _segments(off + n)
-            a, b = s0 * SEGMENT, min(s1 * SEGMENT, bsize)
-            head = os.pread(fd, off - a, a) if off > a else b""
-            data = os.pread(fd, n, off)
-            tail = os.pread(fd, b - off - n, off + n) if b > off + n else b""
-            if len(head) != off - a or len(data) != n or len(tail) != b - off - n:
-                self._drop(path, "short read")
-            view = memoryview(data)
-            first = xxhash.xxh3_64(head)                # segment s0: head + the range's start
-            if s1 - s0 == 1:
-                first.update(view)
-                first.update(tail)
-                digests = first.digest()
-            else:
-                cut = (s0 + 1) * SEGMENT - off          # where segment s0 ends, in `data`
-                last = (s1 - 1) * SEGMENT - off         # where the last one starts
-                first.update(view[:cut])
-                end = xxhash.xxh3_64(view[last:])
-                end.update(tail)
-                digests = b"".join([first.digest(), *[xxhash.xxh3_64_digest(view[j: j + SEGMENT])
-                                                      for j in range(cut, last, SEGMENT)],
-                                    end.digest()])
-            if digests != sums[s0 * 8: s1 * 8]:
-                self._drop(path, f"checksum mismatch in segments {s0}-{s1 - 1}")
+            order = sorted(range(len(ranges)), key=lambda i: ranges[i][0]) \
+                if len(ranges) > 1 else [0]
+            k = 0
+            while k < len(order):
+                start = end = ranges[order[k]][0]
+                run = []
+                while k < len(order) and ranges[order[k]][0] == end:
+                    run.append(order[k])
+                    end += ranges[order[k]][1]
+                    k += 1
+                s0, s1 = start // SEGMENT, _segments(end)
+                a, b = s0 * SEGMENT, min(s1 * SEGMENT, bsize)
+                pieces = [os.pread(fd, start - a, a)] if start > a else []
+                for i in run:
+                    off, n = ranges[i]
+                    out[i] = os.pread(fd, n, off)
+                    pieces.append(out[i])
+                if b > end:
+                    pieces.append(os.pread(fd, b - end, end))
+                if sum(map(len, pieces)) != b - a:
+                    self._drop(path, "short read")
+                if _segment_digests(pieces) != sums[s0 * 8: s1 * 8]:
+                    self._drop(path, f"checksum mismatch in segments {s0}-{s1 - 1}")
         except CacheMiss:
             self._release(key, entry, forget=True)
             raise
         self._release(key, entry)
-        self.hits += 1
-        self.hit_bytes += n
-        return data
+        self.hits += len(ranges)
+        self.hit_bytes += sum(n for _, n in ranges)
+        return out
 
     def _read_whole_verified(self, fd: int, path: str, bsize: int) -> bytes:
         nseg = _segments(bsize)

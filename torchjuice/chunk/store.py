@@ -388,6 +388,17 @@ class ChunkStore:
         self.read_block(key, bsize, off, memoryview(buf))
         return bytes(buf)
 
+    def read_ranges_bytes(self, key: str, bsize: int, ranges: list[tuple[int, int]]) -> list:
+        """:meth:`read_range_bytes` of each ``(off, n)`` of one block: from the disk cache in
+        one go (the files a sequential batch reads from one packed block), else one by one."""
+        if self.cache is not None and not self._in_memory(key) and \
+                all(off or n != bsize for off, n in ranges):
+            try:
+                return self.cache.read_ranges_bytes(key, bsize, ranges)
+            except CacheMiss:
+                pass
+        return [self.read_range_bytes(key, bsize, off, n) for off, n in ranges]
+
     def _get_into(self, key: str, bsize: int, off: int, out: memoryview) -> None:
         t = time.perf_counter()
         got = self._retry(self.store.get_into, key, out, off)

@@ -597,6 +597,36 @@ def test_a_batch_over_many_directories_is_one_select(tmp_path):
     m.close()
 
 
+def test_a_batch_over_many_directories_is_one_round_trip_on_redis(request, tmp_path):
+    """Redis: the files of a batch spread over many directories are walked and read by one
+    script call, one round trip."""
+    from torchjuice.meta.redis import _RedisTx
+    m = new_meta(request.getfixturevalue("redis_server").url())
+    m.init(FMT)
+    paths = []
+    for a in range(4):
+        da = m.mkdir(ROOT_INODE, f"a{a}")
+        for b in range(4):
+            db = m.mkdir(da.inode, f"b{b}")
+            f = m.create(db.inode, "f")
+            m.write_chunk(f.inode, 0, _slice(m, 10 + a + b))
+            paths.append(f"/a{a}/b{b}/f")
+    from torchjuice.meta.redis import _FILES_LUA
+    m.resolve_slices_many(paths[:1])                   # the script loaded into the server
+    trips = []
+    real = _RedisTx._send
+    _RedisTx._send = lambda self, cmds, keys: trips.append(cmds) or real(self, cmds, keys)
+    try:
+        got = m.resolve_slices_many(paths + ["/a0/nope/f", "/a1/b1/f/x"])
+    finally:
+        _RedisTx._send = real
+    assert [g[0].length for g in got[:-2]] == [10 + a + b for a in range(4) for b in range(4)]
+    assert isinstance(got[-2], FileNotFoundError) and isinstance(got[-1], NotADirectoryError)
+    # the batch: one trip (the two bad paths are walked again, to name their errors)
+    assert len([t for t in trips if t[0][1] in (m._files_sha, _FILES_LUA)]) == 1, trips
+    m.close()
+
+
 def test_resolve_slices(m, meta_url):
     """Path, attributes and every chunk's slices in one call; the same answers (and errors) as
     resolve + read_chunk; another client's commit is seen by the next call."""

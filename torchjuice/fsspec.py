@@ -31,7 +31,7 @@ from fsspec import AbstractFileSystem
 from fsspec.utils import stringify_path
 
 from .errors import JuiceError, NotFormattedError
-from .volume import BUFFER_SIZE, Volume, check_name, volume_for
+from .volume import BUFFER_SIZE, Volume, check_name, volume_for, volume_names
 
 COPY_CHUNK = 16 << 20        # cp_file streams this many bytes per read/write
 
@@ -74,7 +74,7 @@ class _JuiceFsspecFile:
         if self._tmp is None:
             return
         tmp, self._tmp = self._tmp, None
-        from .meta import RENAME_NOREPLACE
+        from .volume import RENAME_NOREPLACE
         try:
             self._vol.rename(tmp, self._dest, RENAME_NOREPLACE if self._noreplace else 0)
         except BaseException:
@@ -184,7 +184,7 @@ class JuiceFileSystem(AbstractFileSystem):
         target = None
         if link:
             try:
-                target = vol.meta.readlink(a.inode)
+                target = vol.readlink(inner)
             except OSError:
                 target = None
             try:
@@ -202,16 +202,7 @@ class JuiceFileSystem(AbstractFileSystem):
         return out
 
     def _list_volumes(self) -> list[str]:
-        url = self.meta or os.environ.get("TORCHJUICE_META")
-        if url:
-            from .meta import new_meta
-            m = new_meta(url)
-            try:
-                return [m.load().name]
-            finally:
-                m.close()
-        from .volume import _read_registry
-        return sorted(_read_registry())
+        return volume_names(self.meta or os.environ.get("TORCHJUICE_META"))
 
     def info(self, path, **kwargs) -> dict:
         path = self._strip_protocol(path)

@@ -23,7 +23,8 @@ from typing import Iterator, Sequence
 from .chunk.store import ChunkStore
 from .errors import (AlreadyFormattedError, ClosedVolumeError, InvalidURLError, NotFormattedError,
                      PathEscapeError, VolumeMismatchError, oserror)
-from .meta import (CHUNK_SIZE, ROOT_INODE, TYPE_DIR, TYPE_FILE, Attr, Format, Meta, new_meta)
+from .meta import (CHUNK_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE, TYPE_DIR,  # noqa: F401
+                   TYPE_FILE, Attr, Format, Meta, new_meta)
 from .object import create_store
 from .units import parse_size
 from .vfs.handle import JuiceRawFile, open_flags
@@ -96,6 +97,18 @@ def find_meta_url(name_or_url: str, meta: str | None = None) -> str:
             f"no volume named {name_or_url!r}: format it with `torchjuice format {name_or_url}`, "
             "or pass meta=/set TORCHJUICE_META to its metadata URL")
     return url
+
+
+def volume_names(meta_url: str | None = None) -> list[str]:
+    """The volumes ``juice://`` URLs can name: the one a metadata engine URL holds, else those
+    the registry lists."""
+    if meta_url:
+        m = new_meta(meta_url)
+        try:
+            return [m.load().name]
+        finally:
+            m.close()
+    return sorted(_read_registry())
 
 
 def check_name(name: str) -> str:
@@ -681,7 +694,7 @@ class Volume:
 
     def rename(self, src: str, dst: str, flags: int = 0) -> None:
         """Atomic rename, replacing ``dst`` when it is a file or an empty directory (as
-        ``os.replace``). ``flags``: ``meta.RENAME_NOREPLACE`` / ``RENAME_EXCHANGE``."""
+        ``os.replace``). ``flags``: ``RENAME_NOREPLACE`` / ``RENAME_EXCHANGE`` (from this module)."""
         sp, sn, _ = self._split(src)
         dp, dn, _ = self._split(dst)
         try:

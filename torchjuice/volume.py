@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 from .chunk.store import ChunkStore
 from .errors import (AlreadyFormattedError, ClosedVolumeError, InvalidURLError, NotFormattedError,
                      PathEscapeError, VolumeMismatchError, oserror)
-from .meta import (CHUNK_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE, TYPE_DIR,  # noqa: F401
+from .meta import (CHUNK_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE, TYPE_DIR,
                    TYPE_FILE, Attr, Format, Meta, new_meta)
 from .object import create_store
 from .units import parse_size
@@ -992,4 +992,4 @@ def open_url(url: str, mode: str = "rb", meta: str | None = None, **kwargs):
 
 
 __all__ = ["Volume", "format", "connect", "split_url", "volume_for", "open_url", "find_meta_url",
-           "home", "check_name"]
+           "home", "check_name", "volume_names", "RENAME_NOREPLACE", "RENAME_EXCHANGE"]

@@ -414,6 +414,18 @@ def test_diskcache_unit_partial_reads_verify(tmp_path):
         assert bytes(out) == data[off: off + n]
 
 
+def _cached_with_a_flipped_byte(c, key: str, data: bytes, at: int) -> str:
+    """Cache ``data`` as ``key``, then flip one bit of byte ``at`` of its file; the file's path."""
+    assert c.put(key, data)
+    path = c.path(key)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 1]))
+    return path
+
+
 def test_diskcache_range_bytes_verify_the_segments_around_the_range(tmp_path):
     import random
     from torchjuice.chunk.disk import SEGMENT, CacheMiss
@@ -429,13 +441,7 @@ def test_diskcache_range_bytes_verify_the_segments_around_the_range(tmp_path):
     # a flipped byte outside the range but inside a segment it touches: a miss, never the bytes
     off, n = 3 * SEGMENT + 100, 2 * SEGMENT
     for bad in (3 * SEGMENT + 7, off + n + 9):            # in the head part, in the tail part
-        assert c.put("k/2", data)
-        path = c.path("k/2")
-        with open(path, "r+b") as f:
-            f.seek(bad)
-            b = f.read(1)
-            f.seek(bad)
-            f.write(bytes([b[0] ^ 1]))
+        path = _cached_with_a_flipped_byte(c, "k/2", data, bad)
         with pytest.raises(CacheMiss):
             c.read_range_bytes("k/2", len(data), off, n)
         assert not os.path.exists(path)                  # dropped
@@ -462,13 +468,7 @@ def test_diskcache_ranges_of_packed_files_read_together(tmp_path):
         assert c.hits - reads == len(ranges)
     run = [(3 * SEGMENT + 100, 700), (3 * SEGMENT + 800, 2 * SEGMENT), (5 * SEGMENT + 800, 50)]
     for bad in (3 * SEGMENT + 7, 3 * SEGMENT + 799, 4 * SEGMENT + 5, 5 * SEGMENT + 851):
-        assert c.put("k/2", data)
-        path = c.path("k/2")
-        with open(path, "r+b") as f:
-            f.seek(bad)
-            b = f.read(1)
-            f.seek(bad)
-            f.write(bytes([b[0] ^ 1]))
+        path = _cached_with_a_flipped_byte(c, "k/2", data, bad)
         with pytest.raises(CacheMiss):
             c.read_ranges_bytes("k/2", len(data), run)
         assert not os.path.exists(path)                  # dropped

@@ -572,11 +572,8 @@ def test_resolve_slices_many(m):
     assert m.resolve_slices_many([]) == []
 
 
-def test_a_batch_over_many_directories_is_one_select(tmp_path):
-    """SQL: the files of a batch spread over many directories (a shuffled DataLoader batch) are
-    walked and read by one SELECT, not a walk and a lookup per directory."""
-    m = new_meta(f"sqlite3://{tmp_path}/m.db")
-    m.init(FMT)
+def _spread_files(m) -> list[str]:
+    """16 files /aA/bB/f, one per directory, of length 10 + A + B (a shuffled batch finds them so)."""
     paths = []
     for a in range(4):
         da = m.mkdir(ROOT_INODE, f"a{a}")
@@ -585,6 +582,15 @@ def test_a_batch_over_many_directories_is_one_select(tmp_path):
             f = m.create(db.inode, "f")
             m.write_chunk(f.inode, 0, _slice(m, 10 + a + b))
             paths.append(f"/a{a}/b{b}/f")
+    return paths
+
+
+def test_a_batch_over_many_directories_is_one_select(tmp_path):
+    """SQL: the files of a batch spread over many directories (a shuffled DataLoader batch) are
+    walked and read by one SELECT, not a walk and a lookup per directory."""
+    m = new_meta(f"sqlite3://{tmp_path}/m.db")
+    m.init(FMT)
+    paths = _spread_files(m)
     statements: list[str] = []
     m._conn().set_trace_callback(statements.append)
     try:
@@ -603,14 +609,7 @@ def test_a_batch_over_many_directories_is_one_round_trip_on_redis(request, tmp_p
     from torchjuice.meta.redis import _RedisTx
     m = new_meta(request.getfixturevalue("redis_server").url())
     m.init(FMT)
-    paths = []
-    for a in range(4):
-        da = m.mkdir(ROOT_INODE, f"a{a}")
-        for b in range(4):
-            db = m.mkdir(da.inode, f"b{b}")
-            f = m.create(db.inode, "f")
-            m.write_chunk(f.inode, 0, _slice(m, 10 + a + b))
-            paths.append(f"/a{a}/b{b}/f")
+    paths = _spread_files(m)
     from torchjuice.meta.redis import _FILES_LUA
     m.resolve_slices_many(paths[:1])                   # the script loaded into the server
     trips = []

@@ -215,6 +215,10 @@ def test_batch_reads_inline_while_fast_on_threads_while_slow(vol, monkeypatch):
     # read epoch after epoch: a cold pass waits for the cache fill rather than skip blocks
     assert ds._vols.get(VOL).cache_fill == "wait"
     monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)           # every read is "slow" now
+    # ... but a file:// store is local: nothing fetched from afar, no latency to overlap
+    assert ds.__getitems__(batch) == batch and ds._pool is None and not ds._threaded
+    fetched = iter(range(10 ** 6))                           # as if every read went to S3
+    monkeypatch.setattr(data_mod._Volumes, "remote_gets", lambda self: next(fetched))
     assert ds.__getitems__(batch) == batch and ds._pool is not None and ds._threaded
     assert ds.__getitems__(batch) == batch and ds._threaded
     monkeypatch.setattr(data_mod, "SLOW_READ", 60.0)
@@ -517,6 +521,33 @@ def test_s3_store_with_forked_workers(tmp_path, s3_server):
         assert sorted(got) == sorted(keys)
     finally:
         vol.close()
+
+
+def test_s3_batches_go_to_threads_only_while_they_fetch(tmp_path, s3_server, monkeypatch):
+    """On an S3 volume, a slow batch that fetched from the server switches to threads (their
+    latencies overlap); once the blocks are in the local disk cache, slow batches (a busy
+    machine, big files) stay inline, since threads would only add hand-offs."""
+    import torchjuice.data as data_mod
+    meta = f"sqlite3://{tmp_path}/s3meta.db"
+    tj.format(meta, "s3t", storage=s3_server.url())
+    with tj.connect(meta, cache_size=0) as writer:               # another client: nothing cached
+        writer.makedirs("/f")
+        for i in range(20):
+            writer.write_bytes(f"/f/{i:02d}", bytes(1000 + i))
+    monkeypatch.setenv("TORCHJUICE_CACHE_DIR", str(tmp_path / "cache"))
+    ds = JuiceDataset("juice://s3t/f", transform=len)
+    try:
+        monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)       # every read counts as slow
+        batch = list(range(20))
+        assert ds.__getitems__(batch) == [1000 + i for i in batch]
+        assert ds._threaded                                    # cold: fetched from the server
+        ds._vols.get("s3t").chunks.drain_cache_fill()          # the blocks are in the disk cache
+        assert ds.__getitems__(batch) == [1000 + i for i in batch]
+        assert not ds._threaded                                # warm: from the disk cache
+        assert ds.__getitems__(batch) == [1000 + i for i in batch] and not ds._threaded
+        assert ds._vols.get("s3t").metrics()["cache_hits"] >= 40
+    finally:
+        ds._vols.get("s3t").close()
 
 
 # -- bad input ---------------------------------------------------------------------------------------

@@ -42,9 +42,11 @@ MANIFEST_FORMAT = "torchjuice-manifest"
 
 # Reads of small files switch between inline and threads by how long they take. A file served
 # locally (the disk cache, a file:// store) costs tens of microseconds, about what handing it to a
-# thread and back costs, so those are read inline; a read slower than SLOW_READ went to the network,
-# and then the rest of the batch (and the next batches, while reads stay slow) are read on threads,
-# so that their latencies overlap.
+# thread and back costs, so those are read inline; reads slower than SLOW_READ that fetched from a
+# remote object store went to the network, and then the rest of the batch (and the next batches,
+# while reads stay slow) are read on threads, so that their latencies overlap. Slow reads that
+# fetched nothing remote (big files from the page cache, a machine short of CPU) stay inline:
+# threads would only add hand-offs and the GIL, and their timings would keep them threaded.
 SLOW_READ = 0.001
 INLINE_GROUP = 8          # files read inline first in one metadata transaction (a timing probe);
 INLINE_MAX = 32           # once that group was fast, this many per transaction (one directory
@@ -231,6 +233,12 @@ class _Volumes:
                 # the local cache are written (the next epoch's workers find them)
                 multiprocessing.util.Finalize(None, _close_quietly, args=(vol,), exitpriority=10)
         return vol
+
+    def remote_gets(self) -> int:
+        """Object-store GETs so far of this process's volumes whose store is not local (every
+        store but ``file://`` and ``mem://``): how many reads went to the network."""
+        return sum(v.metrics()["get_count"] for v in list(self._vols.values())
+                   if not v.closed and not v.format.storage.startswith(("file://", "mem://")))
 
     def locate(self, url: str):
         name, path = split_url(url)
@@ -432,10 +440,11 @@ class JuiceDataset(Dataset):
             pos = 0
             while pos < len(indices):
                 group = indices[pos:pos + (INLINE_GROUP if pos == 0 else INLINE_MAX)]
-                t = time.perf_counter()
+                t, gets = time.perf_counter(), self._vols.remote_gets()
                 out += self._read_group(group)
                 pos += len(group)
-                if (time.perf_counter() - t) / len(group) > SLOW_READ and self.io_threads > 1:
+                if (time.perf_counter() - t) / len(group) > SLOW_READ and self.io_threads > 1 \
+                        and self._vols.remote_gets() > gets:
                     self._threaded = True
                     break
             else:
@@ -443,9 +452,11 @@ class JuiceDataset(Dataset):
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(self.io_threads, "tj-dataset")
             self._pool_pid = os.getpid()
+        gets = self._vols.remote_gets()
         rest = list(self._pool.map(self._timed_read, indices[len(out):]))
         slow = sum(1 for _, took in rest if took > SLOW_READ)
-        self._threaded = slow * 2 >= len(rest)      # mostly fast again: inline next time
+        # mostly fast again, or nothing fetched from afar: inline next time
+        self._threaded = slow * 2 >= len(rest) and self._vols.remote_gets() > gets
         out.extend(item for item, _ in rest)
         return out
 
@@ -907,9 +918,10 @@ class Prefetcher:
                     break
                 units.append(u)
             if units:
-                t = time.perf_counter()
+                t, gets = time.perf_counter(), self._vols.remote_gets()
                 self._ready.extend(self._read_group(units))
-                if (time.perf_counter() - t) / len(units) > SLOW_READ:
+                if (time.perf_counter() - t) / len(units) > SLOW_READ and \
+                        self._vols.remote_gets() > gets:
                     self._inline, self._fast = False, 0  # remote again: read ahead on the pool
                     self._fill()
                 return self._ready.popleft()

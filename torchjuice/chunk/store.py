@@ -379,11 +379,14 @@ class ChunkStore:
         range touches."""
         if off == 0 and n == bsize:
             return self.read_block_bytes(key, bsize)
-        if self.cache is not None and not self._in_memory(key):
-            try:
-                return self.cache.read_range_bytes(key, bsize, off, n)
-            except CacheMiss:
-                pass
+        if not self._in_memory(key):
+            if self.cache is not None:
+                try:
+                    return self.cache.read_range_bytes(key, bsize, off, n)
+                except CacheMiss:
+                    pass
+            elif self.compressor.name == "none":
+                return self._get_range(key, bsize, off, n)   # the store's bytes are the result
         buf = bytearray(n)
         self.read_block(key, bsize, off, memoryview(buf))
         return bytes(buf)
@@ -399,16 +402,29 @@ class ChunkStore:
                 pass
         return [self.read_range_bytes(key, bsize, off, n) for off, n in ranges]
 
-    def _get_into(self, key: str, bsize: int, off: int, out: memoryview) -> None:
-        t = time.perf_counter()
-        got = self._retry(self.store.get_into, key, out, off)
+    def _counted_get(self, t: float, nbytes: int) -> None:
+        """A GET that began at ``t`` and brought ``nbytes`` (uncompressed) bytes, in the metrics."""
         m = self.metrics
         m.get_seconds += time.perf_counter() - t
         m.get_count += 1
-        m.get_bytes += got
-        m.store_read_bytes += got
+        m.get_bytes += nbytes
+        m.store_read_bytes += nbytes
+
+    def _get_into(self, key: str, bsize: int, off: int, out: memoryview) -> None:
+        t = time.perf_counter()
+        got = self._retry(self.store.get_into, key, out, off)
+        self._counted_get(t, got)
         if got != len(out):
             raise CorruptBlockError(f"block {key} is shorter than its {bsize} bytes")
+
+    def _get_range(self, key: str, bsize: int, off: int, n: int) -> bytes:
+        """Bytes ``[off, off+n)`` of an uncompressed object, as the store returns them."""
+        t = time.perf_counter()
+        data = self._retry(self.store.get, key, off, n)
+        self._counted_get(t, len(data))
+        if len(data) != n:
+            raise CorruptBlockError(f"block {key} is shorter than its {bsize} bytes")
+        return data
 
     def _get_whole(self, key: str, bsize: int):
         """One GET of a whole object, decompressed and checked against its size."""

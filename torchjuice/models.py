@@ -104,7 +104,7 @@ def _resolve(url, volume: Volume | None, meta: str | None) -> tuple[Volume, str,
 def _threads(vol: Volume, threads: int | None) -> int:
     if threads is not None:
         return max(1, threads)
-    return LOCAL_THREADS if vol.format.storage.startswith(("file://", "mem://")) else THREADS
+    return LOCAL_THREADS if vol.local_store else THREADS
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:

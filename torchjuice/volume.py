@@ -221,7 +221,10 @@ class Volume:
         self.format = fmt
         self.name = fmt.name
         self.store = store
-        remote = not fmt.storage.startswith(("file://", "mem://"))
+        # blocks on this machine (a file:// or mem:// store): no network latency to hide, so no
+        # disk cache and no readahead by default, and reads are not handed to threads
+        self.local_store = fmt.storage.startswith(("file://", "mem://"))
+        remote = not self.local_store
         cache = self._disk_cache(fmt, cache_dir, cache_size, cache_free_ratio, remote or writeback)
         self.max_readahead = (64 << 20 if remote else 0) if max_readahead is None else max_readahead
         self.chunks = ChunkStore(store, fmt.name, fmt.block_size, fmt.compression,

@@ -124,7 +124,7 @@ class JuiceFuse(pyfuse3.Operations):
         self._started = time.time()
         # reads from a local store (or its page cache) are quick: serve them on the event loop;
         # reads that may wait for the network go to a worker thread
-        self.inline_reads = vol.format.storage.startswith(("file://", "mem://"))
+        self.inline_reads = vol.local_store
         self.inline_meta = self.meta.url.startswith(("sqlite3://", "sqlite://"))
         # Readahead into the memory buffer also on a local store (where the Python API reads
         # without it): prefetch threads read the next blocks from disk while the kernel's

@@ -16,7 +16,7 @@ import threading
 import redis
 import redis.exceptions as rexc
 
-from .base import BaseMeta, KVTx, backoff, redact, unpack_entry
+from .base import BaseMeta, KVTx, _enc, backoff, redact, unpack_entry
 from .interface import ROOT_INODE, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK
 
 # BaseMeta._walk server-side, in one call: ARGV = start inode, "1" to also return the slices of
@@ -354,8 +354,7 @@ class RedisMeta(BaseMeta):
         if self._walk_sha is None:
             import hashlib
             self._walk_sha = hashlib.sha1(_WALK_LUA.encode()).hexdigest()
-        args = [start, b"1" if chunk0 else b"0"] + [n.encode("utf-8", "surrogateescape")
-                                                      for n in names]
+        args = [start, b"1" if chunk0 else b"0", *map(_enc, names)]
         code, idx, inos, raw, target, slices = tx.script(self._walk_sha, _WALK_LUA, args)
         return code, idx, [int(i) for i in inos], raw, target, slices
 
@@ -372,7 +371,7 @@ class RedisMeta(BaseMeta):
             args: list = [ROOT_INODE]
             for _i, names in part:
                 args.append(len(names))
-                args.extend(n.encode("utf-8", "surrogateescape") for n in names)
+                args.extend(map(_enc, names))
             for (i, _names), got in zip(part, tx.script(self._files_sha, _FILES_LUA, args)):
                 if got:
                     entry, attr, slices = got

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 
-from .base import ROOT_INODE, BaseMeta, KVTx, backoff, redact, unpack_entry
+from .base import ROOT_INODE, BaseMeta, KVTx, _enc, backoff, redact, unpack_entry
 
 log = logging.getLogger("torchjuice.meta")
 
@@ -362,7 +362,7 @@ class SQLMeta(BaseMeta):
 
     def _walk_rows(self, tx, start: int, names: list[str], chunk0: bool):
         """The walk in one statement: ``(walk result, rows)`` (see :meth:`_walk_statement`)."""
-        enc = [n.encode("utf-8", "surrogateescape") for n in names]
+        enc = [_enc(n) for n in names]
         rows = tx._x(self._walk_statement(len(names), chunk0), [f"d{start}", *enc]).fetchall()
         row = rows[0]
         raw = row[-2] if chunk0 else row[-1]
@@ -403,7 +403,7 @@ class SQLMeta(BaseMeta):
                 params: list = []
                 for i, names in part:
                     params.append(i)
-                    params.extend(n.encode("utf-8", "surrogateescape") for n in names)
+                    params.extend(map(_enc, names))
                 params.append(f"d{ROOT_INODE}")
                 for i, e, a, c in tx._x(self._files_at_statement(depth, len(part)),
                                         params).fetchall():

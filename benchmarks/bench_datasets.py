@@ -231,7 +231,7 @@ def main() -> None:
         tj.format(meta, name, storage=s3.url())
         return tj.connect(meta, cache_size=0)          # the writer keeps no cache
 
-    def best_local(local, make, shuffle=False):
+    def best_warm(local, make, shuffle=False):
         """Warm at its best: the fastest of 3 epochs, the files under ``local`` (a local directory,
         or torchjuice's disk cache) read into the page cache right before (this VM reclaims page
         cache left unused)."""
@@ -257,9 +257,9 @@ def main() -> None:
         print(f"  {part:6s} {label}: the disk cache holds {held / MiB:.0f} MiB after the cold "
               "epoch", flush=True)
         epochs(part, label, make, ("warm",), shuffle)        # the 2nd epoch, as it comes
-        # then warm as the local directory rows are measured: the files read (the local disk
-        # cache's) read once right before, the best of 3 epochs
-        record(part, label, best_local(cache, make, shuffle), "best3")
+        # then warm as the local directory rows are measured: the local disk cache's files read
+        # once right before, the best of 3 epochs
+        record(part, label, best_warm(cache, make, shuffle), "best3")
 
     try:
         # -- (a) small files ------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def main() -> None:
 
             for shuffle in (False, True):
                 record("files", "local dir, open().read()" + (", shuffled" if shuffle else ""),
-                       best_local(local, lambda: LocalFiles(paths), shuffle), "warm")
+                       best_warm(local, lambda: LocalFiles(paths), shuffle), "warm")
             juice_epochs("files", "torchjuice JuiceDataset",
                          lambda: JuiceDataset("juice://benchfiles/files/"))
             juice_epochs("files", "torchjuice JuiceDataset, shuffled",
@@ -371,9 +371,9 @@ def main() -> None:
 
             def local_wds():
                 return wds.WebDataset(f"{local}/shard-{pattern}.tar", shardshuffle=False)
-            record("shards", "local dir, tarfile", best_local(
+            record("shards", "local dir, tarfile", best_warm(
                 local, lambda: LocalTars([os.path.join(local, n) for n in names])), "warm")
-            record("shards", "local dir, webdataset", best_local(local, local_wds), "warm")
+            record("shards", "local dir, webdataset", best_warm(local, local_wds), "warm")
             juice_epochs("shards", "torchjuice JuiceIterableDataset",
                          lambda: JuiceIterableDataset(f"juice://benchshards/shards/shard-{pattern}.tar"))
             juice_epochs("shards", "torchjuice JuiceIterableDataset, cache_fill='direct'",

@@ -266,7 +266,10 @@ def test_sequential_reader_prefetches_and_random_reader_does_not(setup):
     _, client, _ = setup
     data = data_of(12 * MiB, 6)
     client(cache=None).write_bytes("/f", data)
-    vol = client(cache=None, max_readahead=8 * MiB)
+    # a store that is not files on this machine (FaultyStore does not pass `advise` on): the
+    # readahead fetches blocks into the memory buffer
+    remote = lambda s: FaultyStore(s)     # noqa: E731
+    vol = client(cache=None, max_readahead=8 * MiB, store_wrapper=remote)
     got = bytearray()
     with vol.open("/f", "rb", buffering=0) as f:
         while chunk := f.read(256 << 10):
@@ -274,12 +277,65 @@ def test_sequential_reader_prefetches_and_random_reader_does_not(setup):
     assert bytes(got) == data
     m = vol.metrics()
     assert m["prefetch_count"] >= 8 and m["buffer_hits"] + m["singleflight_waits"] >= 8
-    rnd = client(cache=None, max_readahead=8 * MiB)
+    rnd = client(cache=None, max_readahead=8 * MiB, store_wrapper=remote)
     with rnd.open("/f", "rb", buffering=0) as f:
         for off in (9 * MiB, 1 * MiB, 5 * MiB, 0):
             f.seek(off)
             assert f.read(4096) == data[off: off + 4096]
     assert rnd.metrics()["prefetch_count"] == 0
+
+
+class _Advised:
+    """A file store that records the keys advised to the kernel."""
+
+    def __init__(self, inner):
+        self.inner, self.advised = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def advise(self, key):
+        ok = self.inner.advise(key)
+        self.advised.append((key, ok))
+        return ok
+
+
+def test_readahead_on_a_file_store_is_advised_to_the_kernel(setup, tmp_path):
+    """Blocks stored as files here are not copied into the memory buffer ahead of the reader
+    (one copy more than reading them from the page cache): the kernel is asked to read them in,
+    and the reader reads each block file straight into its buffer."""
+    _, client, _ = setup
+    data = data_of(12 * MiB, 7)
+    client(cache=None).write_bytes("/f", data)
+    stores = []
+    vol = client(cache=None, max_readahead=8 * MiB,
+                 store_wrapper=lambda s: stores.append(_Advised(s)) or stores[-1])
+    got = bytearray()
+    with vol.open("/f", "rb", buffering=0) as f:
+        while chunk := f.read(256 << 10):
+            got += chunk
+    assert bytes(got) == data
+    m = vol.metrics()
+    advised = stores[0].advised
+    assert len(advised) >= 8 and all(ok for _, ok in advised)
+    assert m["prefetch_count"] == len(advised)
+    assert m["buffer_hits"] == m["singleflight_waits"] == 0      # nothing went through memory
+    assert client(cache=None).max_readahead > 0          # on by default on file stores too
+    # a missing block is not advised (the reader reports it); a compressed volume's blocks are
+    # read ahead into memory (they are decompressed there)
+    assert stores[0].advise("chunks/0/0/999_0_4096") is False
+    meta = f"sqlite3://{tmp_path}/z.db"
+    tj.format(meta, "zvol", storage=f"file://{tmp_path}/zstore", block_size=1 * MiB,
+              compression="zstd")
+    with tj.connect(meta, cache_size=0) as w:
+        w.write_bytes("/f", data)
+    with tj.connect(meta, cache_size=0, max_readahead=8 * MiB) as z:
+        got = bytearray()
+        with z.open("/f", "rb", buffering=0) as f:
+            while chunk := f.read(256 << 10):
+                got += chunk
+        assert bytes(got) == data
+        assert z.metrics()["buffer_hits"] + z.metrics()["singleflight_waits"] >= 8
 
 
 def test_single_flight_one_download_per_block(setup):

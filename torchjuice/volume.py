@@ -222,11 +222,12 @@ class Volume:
         self.name = fmt.name
         self.store = store
         # blocks on this machine (a file:// or mem:// store): no network latency to hide, so no
-        # disk cache and no readahead by default, and reads are not handed to threads
+        # disk cache by default, and reads are not handed to threads; their readahead (32 MiB)
+        # only asks the kernel to read the next block files (ChunkStore.prefetch)
         self.local_store = fmt.storage.startswith(("file://", "mem://"))
         remote = not self.local_store
         cache = self._disk_cache(fmt, cache_dir, cache_size, cache_free_ratio, remote or writeback)
-        self.max_readahead = (64 << 20 if remote else 0) if max_readahead is None else max_readahead
+        self.max_readahead = (64 << 20 if remote else 32 << 20) if max_readahead is None else max_readahead
         self.chunks = ChunkStore(store, fmt.name, fmt.block_size, fmt.compression,
                                  upload_threads=upload_threads, download_threads=download_threads,
                                  max_inflight=max_inflight, cache=cache, buffer_size=buffer_size,

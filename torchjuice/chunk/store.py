@@ -611,9 +611,17 @@ class ChunkStore:
             self._unpin(key, data)
 
     def prefetch(self, blocks: list[tuple[str, int]]) -> None:
-        """Start background downloads of blocks a reader will want soon (readahead)."""
+        """Start background downloads of blocks a reader will want soon (readahead). Blocks
+        stored as files on this machine, uncompressed, are only advised to the kernel
+        (:meth:`ObjectStore.advise`): it reads them into the page cache, from which the reader
+        copies straight into its buffer; a copy in the memory buffer would be one copy more."""
         pool = None
+        advise = self.compressor.name == "none"
         for key, bsize in blocks:
+            if advise and self.store.advise(key):
+                self.metrics.prefetch_count += 1
+                continue
+            advise = False                   # not such a store: stop asking
             with self._lock:
                 if key in self._buffer or key in self._fetching:
                     continue

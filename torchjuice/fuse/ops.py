@@ -49,7 +49,6 @@ log = logging.getLogger("torchjuice.fuse")
 BLKSIZE = 1 << 20           # st_blksize: the I/O size tools should use (one FUSE request)
 TOTAL_SPACE = 1 << 50       # no quota: report 1 PiB, as JuiceFS does
 TOTAL_INODES = 1 << 32
-LOCAL_READAHEAD = 32 << 20  # readahead window on file:// and mem:// stores (see __init__)
 _CONTROL_NAME_B = CONTROL_NAME.encode()
 _CAPS_S = "security.capability"
 _CAPS = _CAPS_S.encode()
@@ -126,11 +125,9 @@ class JuiceFuse(pyfuse3.Operations):
         # reads that may wait for the network go to a worker thread
         self.inline_reads = vol.local_store
         self.inline_meta = self.meta.url.startswith(("sqlite3://", "sqlite://"))
-        # Readahead into the memory buffer also on a local store (where the Python API reads
-        # without it): prefetch threads read the next blocks from disk while the kernel's
-        # request round trips go on, so disk and FUSE overlap (a cold `file://` read: 0.6x of
-        # the API without it, 0.7x with it here).
-        self.readahead = vol.max_readahead or LOCAL_READAHEAD
+        # the volume's readahead (on a local store: the kernel reads the next block files into
+        # the page cache while the request round trips go on, so disk and FUSE overlap)
+        self.readahead = vol.max_readahead
         self._bufs: list[bytearray] = []             # reply buffers for reads, reused
 
     # -- helpers -------------------------------------------------------------------------------------

@@ -151,6 +151,19 @@ class FileStore(ObjectStore):
         finally:
             os.close(fd)
 
+    def advise(self, key: str) -> bool:
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY | _O_CLOEXEC | _O_BINARY)
+        except OSError:
+            return False                  # the reader will see the error
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)    # starts the reads, returns
+            return True
+        except (OSError, AttributeError):                    # no posix_fadvise (macOS)
+            return False
+        finally:
+            os.close(fd)
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         try:

@@ -45,6 +45,12 @@ class ObjectStore(ABC):
         buf[: len(data)] = data
         return len(data)
 
+    def advise(self, key: str) -> bool:
+        """A hint that ``key`` will be read soon. A store whose objects are files on this machine
+        has the kernel start reading it into the page cache, and returns True: the reader then
+        needs no copy of its own read ahead. False (the default): nothing done."""
+        return False
+
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove ``key``; a missing key is not an error."""

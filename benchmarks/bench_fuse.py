@@ -187,6 +187,19 @@ def run_store(kind: str, store: str, size: int, rounds: int, tmp: str) -> dict[s
     def put(row: str, t: float) -> None:
         times.setdefault(row, []).append(t)
 
+    # the FUSE ceiling, beside the local store: a do-nothing file system (benchmarks/fuse_null.py)
+    # mounted the same way, read and written the same way in each round
+    null = null_p = None
+    if bucket is not None:
+        null_mp = os.path.join(tmp, "null")
+        os.mkdir(null_mp)
+        null = subprocess.Popen([sys.executable, "-m", "benchmarks.fuse_null", null_mp, str(size)],
+                                stdout=subprocess.PIPE, text=True,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        if null.stdout.readline().strip() != "ready":
+            raise RuntimeError("the do-nothing FUSE file system did not mount")
+        null_p = os.path.join(null_mp, "data")
+
     try:
         for r in range(rounds):
             api_p, fuse_p = f"/api-{r}.bin", f"fuse-{r}.bin"
@@ -195,6 +208,9 @@ def run_store(kind: str, store: str, size: int, rounds: int, tmp: str) -> dict[s
             put("api write", api_write(vol, api_p, size, buf))
             os.sync()
             put("mount write", fuse_write(os.path.join(mp, fuse_p), size, buf))
+            if null is not None:
+                os.sync()
+                put("null write", fuse_write(null_p, size, buf))
             if kind == "s3":
                 settle_cache(vol, os.path.join(env["TORCHJUICE_HOME"], "cache"))
             reads = [("read", bucket is not None)] + ([("read (hot)", False)] if bucket else [])
@@ -208,6 +224,11 @@ def run_store(kind: str, store: str, size: int, rounds: int, tmp: str) -> dict[s
                 t, n = fuse_read(mnt_api, view)
                 assert n == size, f"the mount read {n} bytes of the API's {size}"
                 put(f"mount {row}", t)
+                if null is not None and row == "read (hot)":
+                    drop_mount_cache(null_p)
+                    t, n = fuse_read(null_p, view)
+                    assert n == size
+                    put(f"null {row}", t)
             # the same file again: unchanged since this mount opened it, so the kernel keeps its
             # page cache (what a second epoch over a dataset sees)
             t, n = fuse_read(mnt_api, view)
@@ -227,6 +248,9 @@ def run_store(kind: str, store: str, size: int, rounds: int, tmp: str) -> dict[s
             print(f"{kind} round {r + 1}: " + ", ".join(
                 f"{k} {size / v[-1] / MiB:.0f} MiB/s" for k, v in times.items()), flush=True)
     finally:
+        if null is not None:
+            subprocess.run(["fusermount3", "-u", null_mp], capture_output=True)
+            null.wait(30)
         vol.close()
         subprocess.run([sys.executable, "-m", "torchjuice.cli", "umount", mp], env=env,
                        capture_output=True)
@@ -263,23 +287,24 @@ def main() -> None:
                 finally:
                     srv.stop()
         for op in ROWS:
-            if f"mount {op}" not in times:
-                continue
             # a reread is compared with the API's fastest kind of read (hot, where there is one)
             base = op if op != "reread" else "read (hot)" if "api read (hot)" in times else "read"
-            api, mnt = times[f"api {base}"], times[f"mount {op}"]
-            row = {"store": kind, "op": op, "size": size, "rounds": a.rounds,
-                   "api_mib_s": size / min(api) / MiB, "mount_mib_s": size / min(mnt) / MiB,
-                   "api_mib_s_median": size / statistics.median(api) / MiB,
-                   "mount_mib_s_median": size / statistics.median(mnt) / MiB,
-                   "ratio": min(api) / min(mnt),
-                   "ratio_median": statistics.median(api) / statistics.median(mnt),
-                   "seconds": {"api": api, "mount": mnt}}
-            rows.append(row)
-            table.append([kind, f"{size / MiB:.0f} MiB", op, f"{row['api_mib_s']:.0f}",
-                          f"{row['mount_mib_s']:.0f}", f"{row['ratio']:.2f}",
-                          f"{row['api_mib_s_median']:.0f}", f"{row['mount_mib_s_median']:.0f}",
-                          f"{row['ratio_median']:.2f}"])
+            for side, store in (("mount", kind), ("null", f"{kind}: FUSE ceiling")):
+                if f"{side} {op}" not in times:
+                    continue
+                api, mnt = times[f"api {base}"], times[f"{side} {op}"]
+                row = {"store": store, "op": op, "size": size, "rounds": a.rounds,
+                       "api_mib_s": size / min(api) / MiB, "mount_mib_s": size / min(mnt) / MiB,
+                       "api_mib_s_median": size / statistics.median(api) / MiB,
+                       "mount_mib_s_median": size / statistics.median(mnt) / MiB,
+                       "ratio": min(api) / min(mnt),
+                       "ratio_median": statistics.median(api) / statistics.median(mnt),
+                       "seconds": {"api": api, "mount": mnt}}
+                rows.append(row)
+                table.append([store, f"{size / MiB:.0f} MiB", op, f"{row['api_mib_s']:.0f}",
+                              f"{row['mount_mib_s']:.0f}", f"{row['ratio']:.2f}",
+                              f"{row['api_mib_s_median']:.0f}",
+                              f"{row['mount_mib_s_median']:.0f}", f"{row['ratio_median']:.2f}"])
     text = fmt_table(["store", "file", "1 MiB I/O", "API MiB/s", "mount MiB/s", "mount/API",
                       "API median", "mount median", "ratio median"], table)
     print(text)
@@ -294,7 +319,11 @@ def main() -> None:
              "cache, so the API is one memory copy and the mount is bounded by FUSE's copies and "
              "round trips. `reread`: the mount reads the file once more from the kernel page "
              "cache (kept for a file unchanged since the mount opened it), against the API's "
-             "hot read (`file`) or its read (`s3`).")
+             "hot read (`file`) or its read (`s3`). `file: FUSE ceiling`: in the same rounds, "
+             "a do-nothing pyfuse3 file system (benchmarks/fuse_null.py: reads answered from one "
+             "buffer, writes discarded; mounted with the same options, readahead and direct I/O "
+             "for write-only opens) written and read (hot) the same way, in the mount column: "
+             "the most any pyfuse3 file system gets on this machine, against the API's figures.")
     if not a.no_save:
         path = write_results("fuse", rows, text, notes)
         print(f"results: {path}")

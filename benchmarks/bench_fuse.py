@@ -31,11 +31,14 @@ by a ``torchjuice mount -d`` process (as users run it). Stores: ``file`` (a loca
   - ``reread``: the mount reads that file once more, unchanged since it opened it, so the kernel
     keeps its pages (a second epoch over a data set), against the API's first read.
 
+- in the same rounds on ``file``, the FUSE ceiling: a do-nothing pyfuse3 file system
+  (``benchmarks/fuse_null.py``) mounted as the mount is, written and read (hot) the same way.
+
 Why the eviction (changed after the first version of this script, which only had the hot read):
-with the blocks in the host page cache the API reads at memory-copy speed (3-7 GB/s here), and
-no FUSE file system reaches half of that on this machine (a do-nothing pyfuse3 file system tops
-out below 2 GB/s). The evicted read is the case the mount is for: data that is not in memory yet.
-Both sides are treated alike; nothing is served from a page cache the other side lacks.
+with the blocks in the host page cache the API reads at memory-copy speed (1.5-4 GB/s here), and a
+FUSE file system is bounded by the kernel's copies and round trips (the ceiling rows). The evicted
+read is the case the mount is for: data that is not in memory yet. Both sides are treated alike;
+nothing is served from a page cache the other side lacks.
 
 Rows give the best and the median of the rounds per side, and the mount/API ratio of each.
 """

@@ -338,6 +338,43 @@ def test_readahead_on_a_file_store_is_advised_to_the_kernel(setup, tmp_path):
         assert z.metrics()["buffer_hits"] + z.metrics()["singleflight_waits"] >= 8
 
 
+def test_reads_within_one_block_of_a_file_store_are_views_of_its_mapped_file(setup, tmp_path):
+    """What the mount replies from (no copy of its own): a read that lies in one block of a
+    file:// store is a read-only view of the block file, mapped; anything else is None, and is
+    read the usual way."""
+    _, client, _ = setup                                 # a file store, 1 MiB blocks
+    data = data_of(3 * MiB + 100, 8)
+    vol = client(cache=None)
+    vol.write_bytes("/f", data)
+    with vol.open("/f", "r+b", buffering=0) as f:
+        assert f.read_mapped(0, 10) is None              # the slice list is not loaded yet
+        f.read(1)
+        v = f.read_mapped(MiB + 10, 4096)
+        assert v.readonly and bytes(v) == data[MiB + 10: MiB + 10 + 4096]
+        assert f.read_mapped(MiB - 10, 100) is None      # across two blocks
+        assert bytes(f.read_mapped(3 * MiB, 4096)) == data[3 * MiB:]    # clamped at the end
+        assert f.read_mapped(len(data), 10) is None
+        f.truncate(8 * MiB)                              # a hole past the data
+        f.flush()
+        f.read(1)
+        assert f.read_mapped(6 * MiB, 10) is None
+        key, bsize = f.blocks(2 * MiB, 10)[0]
+    # the mapping stays valid once the block file is gone (objects are never rewritten in place)
+    mv = vol.chunks.map_block(key, bsize)
+    os.unlink(vol.chunks.store.local_path(key))
+    assert bytes(mv[:64]) == data[2 * MiB: 2 * MiB + 64]
+    assert vol.chunks.map_block(key, bsize) is mv               # kept mapped for the next read
+    assert vol.chunks.map_block("chunks/0/0/999_0_4096", 4096) is None        # no such file
+    meta = f"sqlite3://{tmp_path}/z.db"
+    tj.format(meta, "zvol", storage=f"file://{tmp_path}/zstore", block_size=1 * MiB,
+              compression="zstd")
+    with tj.connect(meta, cache_size=0) as z:
+        z.write_bytes("/f", data)
+        with z.open("/f", "rb", buffering=0) as f:
+            f.read(1)
+            assert f.read_mapped(10, 10) is None         # compressed blocks are not the bytes
+
+
 def test_single_flight_one_download_per_block(setup):
     _, client, _ = setup
     client(cache=None).write_bytes("/f", data_of(MiB, 7))

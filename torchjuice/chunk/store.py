@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import queue
 import random
@@ -55,6 +56,7 @@ FILL_NICE = 10
 FILL_THREADS = 1
 FILL_WAIT_MAX = 5.0             # cache_fill="wait": how long a read waits for the filler at most
 COPY_NOGIL_MIN = 256 << 10      # copies at least this big run with the GIL released
+MAPS_KEPT = 8                   # block files kept mapped by map_block
 
 
 def nbytes(data) -> int:
@@ -150,6 +152,7 @@ class ChunkStore:
         self._retired: set[int] = set()          # out of the LRU, freed when the last pin goes
         self._free: list[bytearray] = []         # block buffers to reuse
         self._fetching: dict[str, Future] = {}
+        self._maps: OrderedDict[str, memoryview] = OrderedDict()    # map_block's, LRU
         self._staged_pending: set[Future] = set()
         self._stop = threading.Event()
         self._fill: queue.Queue | None = None       # blocks waiting to be written to the cache
@@ -735,7 +738,39 @@ class ChunkStore:
         for p in pools:
             p.shutdown(wait=True)
 
-    # -- local files (the mmap path of torchjuice.models) ------------------------------------------
+    # -- local files (the mmap path of torchjuice.models and the mount) -----------------------------
+    def map_block(self, key: str, bsize: int) -> memoryview | None:
+        """A read-only view of block ``key``'s own file, memory-mapped, when the store keeps
+        objects as local files and blocks are uncompressed; None otherwise, or when the file is
+        not there with ``bsize`` bytes (read the block the usual way). The last MAPS_KEPT
+        mappings are kept, so a reader going through a block in several requests maps it once.
+        A mapping stays valid, its bytes unchanged, after the file is deleted or replaced
+        (objects are never rewritten in place; see ``FileStore.local_path``)."""
+        with self._lock:
+            mv = self._maps.get(key)
+            if mv is not None:
+                self._maps.move_to_end(key)
+                return mv
+        if self.compressor.name != "none" or not hasattr(self.store, "local_path"):
+            return None
+        try:
+            fd = os.open(self.store.local_path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except (OSError, ValueError):
+            return None
+        try:
+            if os.fstat(fd).st_size != bsize:
+                return None
+            mv = memoryview(mmap.mmap(fd, bsize, access=mmap.ACCESS_READ))
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._maps[key] = mv
+            while len(self._maps) > MAPS_KEPT:
+                self._maps.popitem(last=False)      # unmapped once no reply holds a view of it
+        return mv
+
     def has_local_blocks(self) -> bool:
         """Whether :meth:`local_blocks` can ever find a block in a local file."""
         return self.cache is not None or (self.compressor.name == "none"

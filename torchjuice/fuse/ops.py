@@ -443,6 +443,12 @@ class JuiceFuse(pyfuse3.Operations):
         if of.dirty:
             # our own writes are pending: commit them first (under the file's lock), then read
             return await self._thread(self._read, of, off, size)
+        if self.inline_reads:
+            # a local store: the reply is sent straight from a mapping of the block file (the
+            # kernel copies from the page cache; no copy of ours), when the read lies in one block
+            view = self._mapped(of, off, size)
+            if view is not None:
+                return view
         # Reply buffers are reused: pyfuse3 sends the reply as soon as this coroutine returns,
         # before any other task runs, so a buffer given back here is free by the time another
         # request takes it (the pool is only touched on the event loop).
@@ -485,6 +491,16 @@ class JuiceFuse(pyfuse3.Operations):
             if raw is of.raw:           # not a handle replaced by a fresher one meanwhile
                 raise
             return of.raw.pread_into(off, view)
+
+    @staticmethod
+    def _mapped(of: OpenFile, off: int, size: int) -> memoryview | None:
+        raw = of.raw
+        try:
+            return raw.read_mapped(off, size)
+        except ValueError:
+            if raw is of.raw:           # not a handle replaced by a fresher one meanwhile
+                raise
+            return of.raw.read_mapped(off, size)
 
     def _read(self, of: OpenFile, off: int, size: int):
         with of.lock:

@@ -123,6 +123,12 @@ class JuiceRawFile(io.RawIOBase):
         self._check_closed()
         return self._reader.read_into(off, memoryview(b).cast("B"), self._length)
 
+    def read_mapped(self, off: int, n: int) -> memoryview | None:
+        """Bytes at ``off`` as a view of a mapped block file, or None (see
+        ``FileReader.read_mapped``); the caller commits pending writes first."""
+        self._check_closed()
+        return self._reader.read_mapped(off, n, self._length)
+
     def blocks(self, off: int, n: int) -> list[tuple[str, int]] | None:
         """The blocks a read of ``n`` bytes at ``off`` would touch (see ``FileReader.blocks``)."""
         return self._reader.blocks(off, max(0, min(n, self._length - off)))

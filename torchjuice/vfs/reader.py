@@ -123,6 +123,33 @@ class FileReader:
                     out.append((self.chunks.key(sid, i, bsize), bsize))
         return out
 
+    def read_mapped(self, off: int, n: int, length: int) -> memoryview | None:
+        """Bytes ``[off, off+n)`` (up to ``length``, the file size) as a read-only view of a
+        memory mapping of the block file that holds them, when they lie in one block that the
+        chunk store can map (:meth:`ChunkStore.map_block`: a ``file://`` store, uncompressed);
+        else None, and the caller reads the usual way. No copy: the FUSE mount replies from it.
+        Readahead runs as for :meth:`read_into`. Never calls the metadata engine (None while a
+        chunk's slice list is not loaded)."""
+        n = max(0, min(n, length - off))
+        if n == 0 or (off // CHUNK_SIZE) not in self._views or \
+                (off + n - 1) // CHUNK_SIZE != off // CHUNK_SIZE:
+            return None
+        pieces = list(self._pieces(off, n))
+        if len(pieces) != 1 or not pieces[0][2]:
+            return None
+        _foff, _k, sid, size, soff = pieces[0]
+        bs = self.chunks.block_size
+        i, boff = divmod(soff, bs)
+        if boff + n > bs:
+            return None
+        mm = self.chunks.map_block(self.chunks.key(sid, i, min(bs, size - i * bs)),
+                                   min(bs, size - i * bs))
+        if mm is None:
+            return None
+        if self.max_readahead > 0:
+            self._readahead(off, n, length)
+        return mm[boff: boff + n]
+
     def read_into(self, off: int, out: memoryview, length: int) -> int:
         """Fill ``out`` from file offset ``off``; stops at ``length`` (the file size). Returns the
         number of bytes read."""

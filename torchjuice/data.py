@@ -237,7 +237,7 @@ class _Volumes:
     def remote_gets(self) -> int:
         """Object-store GETs so far of this process's volumes whose store is not local (every
         store but ``file://`` and ``mem://``): how many reads went to the network."""
-        return sum(v.metrics()["get_count"] for v in list(self._vols.values())
+        return sum(v.get_count for v in list(self._vols.values())
                    if not v.closed and not v.local_store)
 
     def locate(self, url: str):

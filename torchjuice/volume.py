@@ -784,6 +784,12 @@ class Volume:
                              f"not {mode!r}")
         self.chunks.cache_fill = mode
 
+    @property
+    def get_count(self) -> int:
+        """Object-store GETs of this client so far: ``metrics()["get_count"]``, without
+        gathering the rest (a data loader asks after every batch)."""
+        return self.chunks.metrics.get_count
+
     def metrics(self) -> dict:
         """Counters of this client: object GET/PUT counts, bytes and seconds, memory-buffer and
         disk-cache hits and misses, prefetches, cache usage."""

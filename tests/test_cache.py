@@ -375,6 +375,33 @@ def test_reads_within_one_block_of_a_file_store_are_views_of_its_mapped_file(set
             assert f.read_mapped(10, 10) is None         # compressed blocks are not the bytes
 
 
+def test_cached_blocks_are_mapped_once_checked(setup):
+    """A store whose objects are not local files: blocks in the disk cache are mapped, and the
+    mapping is used only once the whole block matched its digest; a corrupt cache file is
+    dropped (and counted), and the read goes the usual way."""
+    _, client, _ = setup
+    data = data_of(2 * MiB, 9)
+    client(cache=None).write_bytes("/f", data)
+    vol = client(store_wrapper=FaultyStore)              # FaultyStore has no local_path
+    with vol.open("/f", "rb", buffering=0) as f:
+        assert f.read() == data
+        vol.chunks.drain_cache_fill()
+        (k0, b0), (k1, b1) = f.blocks(0, len(data))
+        v = f.read_mapped(MiB + 5, 100)
+        assert v.readonly and bytes(v) == data[MiB + 5: MiB + 105]
+    victim = [p for p in cache_files(vol) if os.path.basename(p).startswith(k0.rsplit("/", 1)[1])]
+    with open(victim[0], "r+b") as fh:                   # flip one byte of block 0's data
+        fh.seek(MiB - 3)
+        b = fh.read(1)
+        fh.seek(MiB - 3)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    fresh = client(store_wrapper=FaultyStore)
+    assert fresh.chunks.map_block(k0, b0) is None
+    assert fresh.metrics()["cache_corrupt"] == 1
+    assert bytes(fresh.chunks.map_block(k1, b1)[:16]) == data[MiB: MiB + 16]
+    assert fresh.read_bytes("/f") == data
+
+
 def test_single_flight_one_download_per_block(setup):
     _, client, _ = setup
     client(cache=None).write_bytes("/f", data_of(MiB, 7))

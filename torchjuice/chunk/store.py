@@ -91,6 +91,24 @@ def copy_into(out: memoryview, src, off: int = 0) -> None:
     out[:] = memoryview(src)[off: off + n]
 
 
+def _map_file(path: str, n: int, exact: bool) -> memoryview | None:
+    """The first ``n`` bytes of ``path``, mapped read-only; None if it cannot be opened or is
+    shorter (``exact``: not exactly ``n`` bytes long)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, ValueError):
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < n or (exact and size != n):
+            return None
+        return memoryview(mmap.mmap(fd, n, access=mmap.ACCESS_READ))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
 class Metrics:
     """Counters of this client's block traffic (``Volume.metrics()``, ``torchjuice stats``)."""
 
@@ -741,30 +759,30 @@ class ChunkStore:
     # -- local files (the mmap path of torchjuice.models and the mount) -----------------------------
     def map_block(self, key: str, bsize: int) -> memoryview | None:
         """A read-only view of block ``key``'s own file, memory-mapped, when the store keeps
-        objects as local files and blocks are uncompressed; None otherwise, or when the file is
-        not there with ``bsize`` bytes (read the block the usual way). The last MAPS_KEPT
+        objects as local files and blocks are uncompressed; else of its disk-cache file, checked
+        (the whole block hashed through the mapping); None otherwise, or when no such file holds
+        the block (read the block the usual way). The last MAPS_KEPT
         mappings are kept, so a reader going through a block in several requests maps it once.
         A mapping stays valid, its bytes unchanged, after the file is deleted or replaced
-        (objects are never rewritten in place; see ``FileStore.local_path``)."""
+        (neither objects nor cache files are rewritten in place; see ``FileStore.local_path``
+        and ``DiskCache.unverified``)."""
         with self._lock:
             mv = self._maps.get(key)
             if mv is not None:
                 self._maps.move_to_end(key)
                 return mv
-        if self.compressor.name != "none" or not hasattr(self.store, "local_path"):
+        if self.compressor.name == "none" and hasattr(self.store, "local_path"):
+            mv = _map_file(self.store.local_path(key), bsize, exact=True)
+        elif self.cache is not None and (check := self.cache.unverified(key, bsize)):
+            # a disk-cache file: its bytes are checked once, through the mapping, against the
+            # block's digest (a mismatch drops the file; the caller reads the usual way)
+            mv = _map_file(check.path, bsize, exact=False)
+            if mv is not None and not check.check(mv):
+                mv = None
+        else:
+            mv = None
+        if mv is None:
             return None
-        try:
-            fd = os.open(self.store.local_path(key), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except (OSError, ValueError):
-            return None
-        try:
-            if os.fstat(fd).st_size != bsize:
-                return None
-            mv = memoryview(mmap.mmap(fd, bsize, access=mmap.ACCESS_READ))
-        except (OSError, ValueError):
-            return None
-        finally:
-            os.close(fd)
         with self._lock:
             self._maps[key] = mv
             while len(self._maps) > MAPS_KEPT:

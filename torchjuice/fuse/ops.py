@@ -443,9 +443,12 @@ class JuiceFuse(pyfuse3.Operations):
         if of.dirty:
             # our own writes are pending: commit them first (under the file's lock), then read
             return await self._thread(self._read, of, off, size)
-        if self.inline_reads:
-            # a local store: the reply is sent straight from a mapping of the block file (the
-            # kernel copies from the page cache; no copy of ours), when the read lies in one block
+        # a local store, or blocks in the local disk cache: served here, on the event loop (a
+        # copy from the host's page cache or disk, cheaper than the hop to a thread and back)
+        local = self.inline_reads or (not of.order.locked() and self._cached(of, off, size))
+        if local:
+            # the reply straight from a mapping of the block's file (the kernel copies from the
+            # page cache; no copy of ours), when the read lies in one block
             view = self._mapped(of, off, size)
             if view is not None:
                 return view
@@ -457,9 +460,7 @@ class JuiceFuse(pyfuse3.Operations):
             buf = bytearray(size)
         try:
             view = memoryview(buf)[:size]
-            if self.inline_reads or (not of.order.locked() and self._cached(of, off, size)):
-                # a local store, or blocks in the local disk cache: a copy from the host's page
-                # cache or disk, cheaper than the hop to a thread and back
+            if local:
                 n = self._pread(of, off, view)
             else:
                 # may wait for the network: in a worker thread. One at a time per file, in the

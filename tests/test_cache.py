@@ -262,6 +262,15 @@ def test_two_processes_share_one_cache_without_corrupting_it(setup):
         vol.chunks.cache.read_into(key, bsize, 0, buf)
 
 
+def read_in_pieces(vol, path: str, piece: int = 256 << 10) -> bytes:
+    """The whole file, read sequentially in ``piece``-sized reads (what triggers readahead)."""
+    got = bytearray()
+    with vol.open(path, "rb", buffering=0) as f:
+        while chunk := f.read(piece):
+            got += chunk
+    return bytes(got)
+
+
 def test_sequential_reader_prefetches_and_random_reader_does_not(setup):
     _, client, _ = setup
     data = data_of(12 * MiB, 6)
@@ -270,11 +279,7 @@ def test_sequential_reader_prefetches_and_random_reader_does_not(setup):
     # readahead fetches blocks into the memory buffer
     remote = lambda s: FaultyStore(s)     # noqa: E731
     vol = client(cache=None, max_readahead=8 * MiB, store_wrapper=remote)
-    got = bytearray()
-    with vol.open("/f", "rb", buffering=0) as f:
-        while chunk := f.read(256 << 10):
-            got += chunk
-    assert bytes(got) == data
+    assert read_in_pieces(vol, "/f") == data
     m = vol.metrics()
     assert m["prefetch_count"] >= 8 and m["buffer_hits"] + m["singleflight_waits"] >= 8
     rnd = client(cache=None, max_readahead=8 * MiB, store_wrapper=remote)
@@ -310,11 +315,7 @@ def test_readahead_on_a_file_store_is_advised_to_the_kernel(setup, tmp_path):
     stores = []
     vol = client(cache=None, max_readahead=8 * MiB,
                  store_wrapper=lambda s: stores.append(_Advised(s)) or stores[-1])
-    got = bytearray()
-    with vol.open("/f", "rb", buffering=0) as f:
-        while chunk := f.read(256 << 10):
-            got += chunk
-    assert bytes(got) == data
+    assert read_in_pieces(vol, "/f") == data
     m = vol.metrics()
     advised = stores[0].advised
     assert len(advised) >= 8 and all(ok for _, ok in advised)
@@ -330,11 +331,7 @@ def test_readahead_on_a_file_store_is_advised_to_the_kernel(setup, tmp_path):
     with tj.connect(meta, cache_size=0) as w:
         w.write_bytes("/f", data)
     with tj.connect(meta, cache_size=0, max_readahead=8 * MiB) as z:
-        got = bytearray()
-        with z.open("/f", "rb", buffering=0) as f:
-            while chunk := f.read(256 << 10):
-                got += chunk
-        assert bytes(got) == data
+        assert read_in_pieces(z, "/f") == data
         assert z.metrics()["buffer_hits"] + z.metrics()["singleflight_waits"] >= 8
 
 

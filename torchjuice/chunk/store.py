@@ -747,6 +747,7 @@ class ChunkStore:
         with self._lock:
             pools, self._pools = list(self._pools.values()), {}
             fill, self._fill = self._fill, None
+            self._maps.clear()                 # unmapped as soon as no reply holds a view
         if fill is not None:
             for _ in range(FILL_THREADS):  # the fillers finish what is queued, then stop
                 fill.put(None)

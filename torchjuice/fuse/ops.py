@@ -483,25 +483,24 @@ class JuiceFuse(pyfuse3.Operations):
         return blocks is not None and all(cache.contains(key) for key, _ in blocks)
 
     @staticmethod
-    def _pread(of: OpenFile, off: int, view: memoryview) -> int:
-        """A positional read of committed data; several may run at once on one file."""
+    def _on_raw(of: OpenFile, method: str, *args):
+        """``of.raw.<method>(*args)``; again on the fresher handle if that one was closed
+        meanwhile (replaced by a reopen)."""
         raw = of.raw
         try:
-            return raw.pread_into(off, view)
+            return getattr(raw, method)(*args)
         except ValueError:
             if raw is of.raw:           # not a handle replaced by a fresher one meanwhile
                 raise
-            return of.raw.pread_into(off, view)
+            return getattr(of.raw, method)(*args)
 
-    @staticmethod
-    def _mapped(of: OpenFile, off: int, size: int) -> memoryview | None:
-        raw = of.raw
-        try:
-            return raw.read_mapped(off, size)
-        except ValueError:
-            if raw is of.raw:           # not a handle replaced by a fresher one meanwhile
-                raise
-            return of.raw.read_mapped(off, size)
+    def _pread(self, of: OpenFile, off: int, view: memoryview) -> int:
+        """A positional read of committed data; several may run at once on one file."""
+        return self._on_raw(of, "pread_into", off, view)
+
+    def _mapped(self, of: OpenFile, off: int, size: int) -> memoryview | None:
+        """The bytes as a view of a mapped block file, or None (``JuiceRawFile.read_mapped``)."""
+        return self._on_raw(of, "read_mapped", off, size)
 
     def _read(self, of: OpenFile, off: int, size: int):
         with of.lock:

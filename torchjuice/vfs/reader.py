@@ -125,9 +125,10 @@ class FileReader:
 
     def read_mapped(self, off: int, n: int, length: int) -> memoryview | None:
         """Bytes ``[off, off+n)`` (up to ``length``, the file size) as a read-only view of a
-        memory mapping of the block file that holds them, when they lie in one block that the
-        chunk store can map (:meth:`ChunkStore.map_block`: a ``file://`` store, uncompressed);
-        else None, and the caller reads the usual way. No copy: the FUSE mount replies from it.
+        memory mapping of the file that holds their block, when they lie in one block that the
+        chunk store can map (:meth:`ChunkStore.map_block`: the object of a ``file://`` store,
+        uncompressed, or a checked disk-cache file); else None, and the caller reads the usual
+        way. No copy: the FUSE mount replies from it.
         Readahead runs as for :meth:`read_into`. Never calls the metadata engine (None while a
         chunk's slice list is not loaded)."""
         n = max(0, min(n, length - off))

@@ -33,6 +33,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from ._malloc import pin_malloc
 from .volume import CACHE_FILL_MODES, find_meta_url, open_url, split_url, volume_for
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,6 @@ def _memory_bytes() -> int:
 # TORCHJUICE_MALLOC_TUNE=0; nothing is done on a C library without mallopt (musl, macOS).
 MALLOC_MMAP_THRESHOLD = 32 << 20
 MALLOC_TRIM_THRESHOLD = 64 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _malloc_tuned_pid = -1
 
 
@@ -160,14 +160,7 @@ def tune_malloc() -> bool:
     if _malloc_tuned_pid == os.getpid() or os.environ.get("TORCHJUICE_MALLOC_TUNE", "1") == "0":
         return False
     _malloc_tuned_pid = os.getpid()
-    try:
-        import ctypes
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    ok = mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) == 1
-    ok = mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD) == 1 and ok
+    ok = pin_malloc(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD)
     log.debug("malloc thresholds pinned for this DataLoader worker: %s", ok)
     return ok
 

@@ -15,6 +15,8 @@ import signal
 import subprocess
 import time
 
+from .._malloc import pin_malloc
+
 log = logging.getLogger("torchjuice.fuse")
 
 
@@ -61,7 +63,8 @@ def serve(vol, mountpoint: str, meta_url: str, *, attr_timeout: float = 1.0,
     from .ops import JuiceFuse
 
     mountpoint = os.path.abspath(mountpoint)
-    tune_malloc()
+    # what the kept write requests can add up to: the bytes in flight to the store, and more
+    tune_malloc(vol.chunks.max_inflight + (64 << 20))
     ops = JuiceFuse(vol, mountpoint, meta_url, attr_timeout=attr_timeout,
                     entry_timeout=entry_timeout, dir_entry_timeout=dir_entry_timeout)
     opts = mount_options(vol, options)
@@ -91,21 +94,18 @@ def serve(vol, mountpoint: str, meta_url: str, *, attr_timeout: float = 1.0,
         log.info("unmounted %s", mountpoint)
 
 
-def tune_malloc(keep: int = 64 << 20) -> bool:
+def tune_malloc(keep: int = 64 << 20, mmap_threshold: int = 32 << 20) -> bool:
     """Keep freed memory for reuse instead of handing it back to the kernel at once.
 
     Every FUSE write arrives as a fresh 1 MiB ``bytes`` (pyfuse3 copies the request into one),
-    freed when the request is done. glibc returns such memory to the kernel (``munmap``, or a
-    ``brk`` trim of the heap's top), so the next request's copy page-faults on fresh pages: that
-    cost as much CPU as the copies themselves. With a fixed mmap threshold and a trim threshold of
-    ``keep`` bytes, the same memory serves request after request. glibc only; False elsewhere."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, keep) and libc.mallopt(m_trim_threshold, keep))
-    except (OSError, AttributeError):
-        return False
+    kept by the writer until its block is uploaded (up to the volume's ``max_inflight`` bytes of
+    them), then freed. glibc returns such memory to the kernel (``munmap``, or a ``brk`` trim of
+    the heap's top once more than its trim threshold is free), so later requests' copies
+    page-fault on fresh pages: that cost as much CPU as the copies themselves. With requests
+    taken from the heap (below ``mmap_threshold``) and up to ``keep`` free bytes kept, the same
+    memory serves request after request (a 1 GiB write through a fresh mount: 62,000 page faults
+    with 64 MiB kept, 3,000-5,000 with 320 MiB). glibc only; False elsewhere."""
+    return pin_malloc(mmap_threshold, keep)
 
 
 async def _signals(nursery, state) -> None:

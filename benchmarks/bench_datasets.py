@@ -327,6 +327,20 @@ def main() -> None:
                        best_warm(local, lambda: LocalFiles(paths), shuffle), "warm")
             juice_epochs("files", "torchjuice JuiceDataset",
                          lambda: JuiceDataset("juice://benchfiles/files/"))
+            # the same two warm, side by side: 3 rounds of one epoch each, who goes first
+            # alternating (the first reader of a round gets the memory the last one freed; see
+            # bench_fuse), the best epoch of each
+            turns: dict[str, list] = {"local": [], "tj": []}
+            os.sync()
+            rewarm([local, os.environ["TORCHJUICE_CACHE_DIR"]])
+            sides = [("local", lambda: LocalFiles(paths)),
+                     ("tj", lambda: JuiceDataset("juice://benchfiles/files/"))]
+            for rnd in range(3):
+                for side, make in sides if rnd % 2 == 0 else sides[::-1]:
+                    turns[side].append(run_epoch(make(), a.workers, a.batch))
+            for side, label, epoch in (("local", "local dir, open().read(), in turns", "warm"),
+                                       ("tj", "torchjuice JuiceDataset, in turns", "best3")):
+                record("files", label, min(turns[side], key=lambda r: r["seconds"]), epoch)
             juice_epochs("files", "torchjuice JuiceDataset, shuffled",
                          lambda: JuiceDataset("juice://benchfiles/files/"), shuffle=True)
             juice_epochs("files", "torchjuice JuiceDataset, object per file",
@@ -454,7 +468,10 @@ def main() -> None:
                  "size after the cold epoch is in the JSON). s3torchconnector and webdataset have no cache. Local directory rows: from the page cache "
                  "(their files read once right before, as this VM reclaims page cache left "
                  "unused), the best of 3 runs; shuffled rows (the DataLoader's "
-                 "RandomSampler, seed 0) compare with the shuffled local row. 'vs' columns are "
+                 "RandomSampler, seed 0) compare with the shuffled local row; the 'in turns' "
+                 "rows: the local directory and torchjuice's warm cache read side by side, 3 "
+                 "rounds of one epoch each, who goes first alternating, the best epoch of each, "
+                 "compared with each other. 'vs' columns are "
                  "time ratios (>1: faster than the reference). 'load' is the 1-minute load average "
                  "when the row finished (other work shares this 2-core machine). 'disk reads': "
                  "what the machine read from its disk during the row (/proc/vmstat). S3 server: "
@@ -481,8 +498,9 @@ def tables(rows: list[dict]) -> str:
             continue
         out = []
         for r in sel:
-            loc = (r["label"].endswith(", shuffled") and
-                   find(part, local_label + ", shuffled", "warm")) or find(part, local_label, "warm")
+            suffix = next((x for x in (", shuffled", ", in turns") if r["label"].endswith(x)), "")
+            loc = (suffix and find(part, local_label + suffix, "warm")) or \
+                find(part, local_label, "warm")
             peer = find(part, peer_label, r["epoch"]) or find(part, peer_label, "warm")
             out.append([r["label"], r["epoch"], r["samples"], f"{r['samples_per_s']:.0f}",
                         f"{r['MiB_per_s']:.1f}",

@@ -98,10 +98,7 @@ class NullFS(pyfuse3.Operations):
 def main() -> None:
     mountpoint, size = sys.argv[1], int(sys.argv[2])
     from torchjuice.fuse.mount import mount_options
-
-    class _Vol:                          # mount_options only needs a name
-        name = "null"
-    pyfuse3.init(NullFS(size), mountpoint, mount_options(_Vol()))
+    pyfuse3.init(NullFS(size), mountpoint, mount_options("null"))
 
     async def ready():
         st = await trio.to_thread.run_sync(os.stat, mountpoint)

@@ -610,7 +610,7 @@ def test_a_batch_over_many_directories_is_one_round_trip_on_redis(request, tmp_p
     m = new_meta(request.getfixturevalue("redis_server").url())
     m.init(FMT)
     paths = _spread_files(m)
-    from torchjuice.meta.redis import _FILES_LUA
+    from torchjuice.meta.redis import _FILES_LUA, _FILES_SHA
     m.resolve_slices_many(paths[:1])                   # the script loaded into the server
     trips = []
     real = _RedisTx._send
@@ -622,7 +622,7 @@ def test_a_batch_over_many_directories_is_one_round_trip_on_redis(request, tmp_p
     assert [g[0].length for g in got[:-2]] == [10 + a + b for a in range(4) for b in range(4)]
     assert isinstance(got[-2], FileNotFoundError) and isinstance(got[-1], NotADirectoryError)
     # the batch: one trip (the two bad paths are walked again, to name their errors)
-    assert len([t for t in trips if t[0][1] in (m._files_sha, _FILES_LUA)]) == 1, trips
+    assert len([t for t in trips if t[0][1] in (_FILES_SHA, _FILES_LUA)]) == 1, trips
     m.close()
 
 

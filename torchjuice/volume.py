@@ -227,7 +227,9 @@ class Volume:
         self.local_store = fmt.storage.startswith(("file://", "mem://"))
         remote = not self.local_store
         cache = self._disk_cache(fmt, cache_dir, cache_size, cache_free_ratio, remote or writeback)
-        self.max_readahead = (64 << 20 if remote else 32 << 20) if max_readahead is None else max_readahead
+        if max_readahead is None:
+            max_readahead = 64 << 20 if remote else 32 << 20
+        self.max_readahead = max_readahead
         self.chunks = ChunkStore(store, fmt.name, fmt.block_size, fmt.compression,
                                  upload_threads=upload_threads, download_threads=download_threads,
                                  max_inflight=max_inflight, cache=cache, buffer_size=buffer_size,

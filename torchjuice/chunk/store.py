@@ -772,17 +772,15 @@ class ChunkStore:
             if mv is not None:
                 self._maps.move_to_end(key)
                 return mv
-        if self.compressor.name == "none" and hasattr(self.store, "local_path"):
-            mv = _map_file(self.store.local_path(key), bsize, exact=True)
-        elif self.cache is not None and (check := self.cache.unverified(key, bsize)):
-            # a disk-cache file: its bytes are checked once, through the mapping, against the
-            # block's digest (a mismatch drops the file; the caller reads the usual way)
-            mv = _map_file(check.path, bsize, exact=False)
-            if mv is not None and not check.check(mv):
-                mv = None
-        else:
-            mv = None
-        if mv is None:
+        found = self._local_unverified([(key, bsize)], sized=False)[0]
+        if found is None:
+            return None
+        path, check = found
+        # a store's object is exactly the block; a disk-cache file is the block and its trailer,
+        # its bytes checked once, through the mapping, against the block's digest (a mismatch
+        # drops the file; the caller reads the usual way)
+        mv = _map_file(path, bsize, exact=check is None)
+        if mv is None or (check is not None and not check.check(mv)):
             return None
         with self._lock:
             self._maps[key] = mv

@@ -35,10 +35,10 @@ def check_fuse() -> None:
                       "(apt-get install fuse3)")
 
 
-def mount_options(vol, extra=()) -> set[str]:
+def mount_options(name: str, extra=()) -> set[str]:
     import pyfuse3
     opts = set(pyfuse3.default_options)           # default_permissions: the kernel checks modes
-    opts |= {f"fsname={vol.name}", "subtype=torchjuice"}
+    opts |= {f"fsname={name}", "subtype=torchjuice"}
     if os.geteuid() == 0:
         opts.add("allow_other")                   # root mounts serve every user (modes apply)
     for o in extra:
@@ -67,7 +67,7 @@ def serve(vol, mountpoint: str, meta_url: str, *, attr_timeout: float = 1.0,
     tune_malloc(vol.chunks.max_inflight + (64 << 20))
     ops = JuiceFuse(vol, mountpoint, meta_url, attr_timeout=attr_timeout,
                     entry_timeout=entry_timeout, dir_entry_timeout=dir_entry_timeout)
-    opts = mount_options(vol, options)
+    opts = mount_options(vol.name, options)
     log.info("mounting volume %r at %s (options %s)", vol.name, mountpoint, ",".join(sorted(opts)))
     pyfuse3.init(ops, mountpoint, opts)
     state = {"signalled": False, "ended": False}

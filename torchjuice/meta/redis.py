@@ -11,6 +11,7 @@ One connection per thread (redis-py ``Connection`` objects, RESP2); a forked chi
 from __future__ import annotations
 
 import errno
+import hashlib
 import threading
 
 import redis
@@ -84,6 +85,7 @@ end
 return out
 """ % {"DIR": TYPE_DIR, "FILE": TYPE_FILE}
 _FILES_BATCH = 256                  # paths per call of that script
+_WALK_SHA, _FILES_SHA = (hashlib.sha1(lua.encode()).hexdigest() for lua in (_WALK_LUA, _FILES_LUA))
 
 
 class _Conflict(Exception):
@@ -290,8 +292,6 @@ class RedisMeta(BaseMeta):
         self._local = threading.local()
         self._conns: list = []
         self._conns_lock = threading.Lock()
-        self._walk_sha = None
-        self._files_sha = None
 
     # -- connections -------------------------------------------------------------------------------
     def _conn(self):
@@ -351,20 +351,14 @@ class RedisMeta(BaseMeta):
         return int(self.txn(fn, readonly=True))
 
     def _walk_script(self, tx, start: int, names: list[str], chunk0: bool):
-        if self._walk_sha is None:
-            import hashlib
-            self._walk_sha = hashlib.sha1(_WALK_LUA.encode()).hexdigest()
         args = [start, b"1" if chunk0 else b"0", *map(_enc, names)]
-        code, idx, inos, raw, target, slices = tx.script(self._walk_sha, _WALK_LUA, args)
+        code, idx, inos, raw, target, slices = tx.script(_WALK_SHA, _WALK_LUA, args)
         return code, idx, [int(i) for i in inos], raw, target, slices
 
     def _files_at(self, tx, items: list[tuple[int, list[str]]]) -> dict:
         # one round trip for the whole batch, not a walk and a lookup per directory
         if not isinstance(tx, _RedisTx) or not tx._ro:
             return super()._files_at(tx, items)
-        if self._files_sha is None:
-            import hashlib
-            self._files_sha = hashlib.sha1(_FILES_LUA.encode()).hexdigest()
         out: dict = {}
         for k in range(0, len(items), _FILES_BATCH):       # a script blocks the server: bounded
             part = items[k:k + _FILES_BATCH]
@@ -372,7 +366,7 @@ class RedisMeta(BaseMeta):
             for _i, names in part:
                 args.append(len(names))
                 args.extend(map(_enc, names))
-            for (i, _names), got in zip(part, tx.script(self._files_sha, _FILES_LUA, args)):
+            for (i, _names), got in zip(part, tx.script(_FILES_SHA, _FILES_LUA, args)):
                 if got:
                     entry, attr, slices = got
                     out[i] = (*unpack_entry(entry), attr, list(slices))

@@ -231,6 +231,20 @@ class _SQLTx(KVTx):
         return [r[0] for r in self._x(self._q["scan"], (n, prefix) * 4)]
 
 
+def _gather_files(rows, out: dict, key=None) -> dict:
+    """Rows ``(key, entry, attributes, one slice of chunk 0 or NULL)``, a file's rows together,
+    into ``out``: key -> ``[type, inode, raw attributes, raw slices of chunk 0]``."""
+    for k, e, a, c in rows:
+        if key is not None:
+            k = key(k)
+        got = out.get(k)
+        if got is None:
+            got = out[k] = [*unpack_entry(bytes(e)), None if a is None else bytes(a), []]
+        if c is not None:
+            got[3].append(bytes(c))
+    return out
+
+
 class SQLMeta(BaseMeta):
     """Metadata in SQLite or PostgreSQL (see the module docstring)."""
 
@@ -405,14 +419,7 @@ class SQLMeta(BaseMeta):
                     params.append(i)
                     params.extend(map(_enc, names))
                 params.append(f"d{ROOT_INODE}")
-                for i, e, a, c in tx._x(self._files_at_statement(depth, len(part)),
-                                        params).fetchall():
-                    got = out.get(i)
-                    if got is None:
-                        got = out[i] = [*unpack_entry(bytes(e)),
-                                        None if a is None else bytes(a), []]
-                    if c is not None:
-                        got[3].append(bytes(c))
+                _gather_files(tx._x(self._files_at_statement(depth, len(part)), params), out)
         return out
 
     def _files_at_statement(self, depth: int, n: int) -> str:
@@ -451,16 +458,7 @@ class SQLMeta(BaseMeta):
                 f"LEFT JOIN lkv c ON c.k = 'c' || {digits} || '_0' "
                 f"WHERE e.k = {mark} AND e.f IN ({','.join([mark] * len(names))}) "
                 f"ORDER BY e.f, c.id")
-        rows = tx._x(sql, [f"d{dir_ino}", *names]).fetchall()
-        out: dict = {}
-        for f, e, a, c in rows:
-            f = bytes(f)
-            got = out.get(f)
-            if got is None:
-                got = out[f] = [*unpack_entry(bytes(e)), None if a is None else bytes(a), []]
-            if c is not None:
-                got[3].append(bytes(c))
-        return out
+        return _gather_files(tx._x(sql, [f"d{dir_ino}", *names]), {}, key=bytes)
 
     # -- transactions -----------------------------------------------------------------------------
     def _retryable(self, e: BaseException) -> bool:

@@ -197,6 +197,39 @@ def test_cache_fill_behind_skips_or_waits(setup, monkeypatch, mode):
         vol.cache_fill = "sometimes"
 
 
+@pytest.mark.parametrize("mode", ["wait", "direct"])
+def test_a_waiting_read_writes_queued_blocks_itself(setup, monkeypatch, mode):
+    """The filler runs at a low priority; on a busy machine it gets no CPU. A read waiting for
+    room in the fill queue does not inherit that: it writes the queued blocks itself, so the
+    pass goes on at the reader's speed and every block is still cached."""
+    import torchjuice.chunk.disk as disk
+    _, client, _ = setup
+    data = data_of(12 * MiB, 7)
+    client(cache=None).write_bytes("/f", data)
+    vol = client()
+    vol.chunks.cache_fill_buffer = 2 * MiB
+    vol.cache_fill = mode
+    starved = threading.Event()                   # the filler thread gets no CPU until set
+    real_put = disk.DiskCache.put
+
+    def put(self, *a, **kw):
+        if threading.current_thread().name == "tj-cache-fill":
+            starved.wait(30)
+        return real_put(self, *a, **kw)
+    monkeypatch.setattr(disk.DiskCache, "put", put)
+    t = time.monotonic()
+    assert vol.read_bytes("/f") == data
+    took = time.monotonic() - t
+    starved.set()
+    vol.chunks.drain_cache_fill()
+    m = vol.metrics()
+    # without help each read past the buffer waits FILL_WAIT_MAX (5 s), then skips its block
+    assert took < 3 and m["fill_helped"] >= 8 and m["cache_skipped"] == 0
+    assert len(cache_files(vol)) == 12
+    gets = vol.metrics()["get_count"]
+    assert vol.read_bytes("/f") == data and vol.metrics()["get_count"] == gets
+
+
 def test_full_disk_while_caching_still_serves_the_data(setup, monkeypatch):
     import errno
     _, client, _ = setup

@@ -114,7 +114,7 @@ class Metrics:
 
     __slots__ = ("get_count", "get_bytes", "get_seconds", "put_count", "put_bytes", "put_seconds",
                  "delete_count", "buffer_hits", "buffer_hit_bytes", "prefetch_count",
-                 "singleflight_waits", "store_read_bytes", "store_retries")
+                 "singleflight_waits", "store_read_bytes", "store_retries", "fill_helped")
 
     def __init__(self):
         for name in self.__slots__:
@@ -481,7 +481,11 @@ class ChunkStore:
     # on a busy machine. So blocks are cached by background threads at a low CPU priority
     # (FILL_NICE), never on the reader's path; when it falls behind by more than
     # `cache_fill_buffer` bytes, the block is not cached this time (counted in cache_skipped;
-    # `warmup` fills synchronously).
+    # `warmup` fills synchronously). In the "wait" and "direct" modes a read waits for room
+    # instead, and while it waits it writes queued blocks itself (_help_fill, counted in
+    # fill_helped): a low-priority filler on a busy machine would otherwise hold every read back
+    # -- an epoch of 1.5 GiB of shards went from 20.6 s to 6.8 s with two CPU-bound processes
+    # beside it, 3.3 s to 3.1 s without.
 
     def _cache_later(self, key: str, data, owner=None, may_wait: bool = True) -> None:
         """Queue a block for the disk cache; ``owner`` is the reusable buffer behind ``data``.
@@ -496,7 +500,8 @@ class ChunkStore:
                     left = deadline - time.monotonic()
                     if left <= 0 or self._fill is None:
                         break                           # a stuck disk: skip, as "skip" would
-                    self._fill_room.wait(left)
+                    if not self._help_fill():           # nothing queued: a filler is writing
+                        self._fill_room.wait(left)
             if self._fill_bytes + n > self.cache_fill_buffer:
                 self.cache.skipped += 1
                 return
@@ -519,20 +524,49 @@ class ChunkStore:
             if item is None:
                 q.task_done()
                 return
-            key, data, holder = item
             try:
-                # "skip" keeping up, or "wait": through the page cache (later reads copy out of
-                # it fastest); "skip" falling behind, or "direct": O_DIRECT, a fraction of the
-                # CPU (see DiskCache._write_block); later reads of such a block use O_DIRECT too
-                mode = self.cache_fill
-                self.cache.put(key, data, direct=mode == "direct" or (
-                    mode == "skip" and self._fill_bytes > self.cache_fill_direct))
+                self._fill_one(*item)
             finally:
-                with self._lock:
-                    self._fill_bytes -= len(data)
-                    self._fill_room.notify_all()
-                self._unpin(None, holder)
                 q.task_done()
+
+    def _fill_one(self, key: str, data, holder) -> None:
+        try:
+            # "skip" keeping up, or "wait": through the page cache (later reads copy out of it
+            # fastest); "skip" falling behind, or "direct": O_DIRECT, a fraction of the CPU (see
+            # DiskCache._write_block); later reads of such a block use O_DIRECT too
+            mode = self.cache_fill
+            self.cache.put(key, data, direct=mode == "direct" or (
+                mode == "skip" and self._fill_bytes > self.cache_fill_direct))
+        finally:
+            with self._lock:
+                self._fill_bytes -= len(data)
+                self._fill_room.notify_all()
+            self._unpin(None, holder)
+
+    def _help_fill(self) -> bool:
+        """A read waiting for room in the fill queue ("wait", "direct") writes the oldest queued
+        block itself (lock held on entry and on return; released while writing). The fillers
+        run at a low priority (FILL_NICE) so that a pass that does not wait is not slowed by
+        them; a read that waits for them would inherit that priority on a busy machine -- it
+        does the work at its own instead. False when nothing is queued (a filler holds the
+        last block: wait for it)."""
+        q = self._fill
+        try:
+            item = q.get_nowait()
+        except queue.Empty:
+            return False
+        if item is None:                     # closing: leave the stop mark to a filler
+            q.put(None)
+            q.task_done()
+            return False
+        self._lock.release()
+        try:
+            self._fill_one(*item)
+        finally:
+            q.task_done()
+            self._lock.acquire()
+        self.metrics.fill_helped += 1
+        return True
 
     def drain_cache_fill(self) -> None:
         """Wait until every block queued for the disk cache is written."""

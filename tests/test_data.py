@@ -550,6 +550,45 @@ def test_s3_batches_go_to_threads_only_while_they_fetch(tmp_path, s3_server, mon
         ds._vols.get("s3t").close()
 
 
+def test_sequential_cold_reads_fetch_the_next_files_blocks_ahead(tmp_path, s3_server, monkeypatch):
+    """JuiceDataset's readahead: read in order from an S3 volume, the blocks of the next files
+    are fetched in the background (each block still once); a shuffled order and a warm pass
+    (nothing fetched from the server) start no readahead."""
+    import random
+    meta = f"sqlite3://{tmp_path}/s3meta.db"
+    tj.format(meta, "s3ra", storage=s3_server.url("ra"), block_size=1 << 20)
+    files = {f"/f/{i:04d}": random.Random(i).randbytes(20_000 + i) for i in range(400)}
+    with tj.connect(meta, cache_size=0) as writer:
+        writer.makedirs("/f")
+        writer.write_many(files.items())                  # packed: ~50 files per object
+        objects = len(list(writer.store.list("")))
+    assert objects >= 6
+    monkeypatch.setenv("TORCHJUICE_CACHE_DIR", str(tmp_path / "cache"))
+    ds = JuiceDataset("juice://s3ra/f")
+    vol = ds._vols.get("s3ra")
+    try:
+        assert [ds[i] for i in range(len(ds))] == list(files.values())
+        ds._ahead.busy.result()
+        m = vol.metrics()
+        assert m["prefetch_count"] >= objects - 2          # all but the first block(s), ahead
+        assert m["get_count"] <= objects                    # and each block fetched once
+        vol.chunks.drain_cache_fill()
+        before = vol.metrics()["prefetch_count"]
+        assert [ds[i] for i in range(len(ds))] == list(files.values())     # warm: from the cache
+        assert vol.metrics()["prefetch_count"] == before
+    finally:
+        vol.close()
+    monkeypatch.setenv("TORCHJUICE_CACHE_DIR", str(tmp_path / "cache2"))
+    shuffled = JuiceDataset("juice://s3ra/f")
+    order = random.Random(0).sample(range(len(shuffled)), len(shuffled))
+    vol = shuffled._vols.get("s3ra")
+    try:
+        assert [shuffled[i] for i in order] == [list(files.values())[i] for i in order]
+        assert vol.metrics()["prefetch_count"] == 0
+    finally:
+        vol.close()
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 def test_missing_shard_and_empty_prefix(vol, caplog):
     write_shards(vol, 2, 3)

@@ -27,7 +27,7 @@ import tarfile
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -52,6 +52,10 @@ SLOW_READ = 0.001
 INLINE_GROUP = 8          # files read inline first in one metadata transaction (a timing probe);
 INLINE_MAX = 32           # once that group was fast, this many per transaction (one directory
                           # lookup and one SELECT for all: 50 us a warm file instead of 63 at 8)
+# JuiceDataset's readahead: while batches come in order and reads fetch from a remote store, the
+# blocks of the files this worker reads next are fetched in the background, this far ahead
+READAHEAD_BYTES = 32 * MiB
+READAHEAD_FILES = 256     # paths resolved per step of it (one metadata transaction)
 
 
 # -- error handlers (the webdataset convention: return True to go on, False to stop, or raise) -----
@@ -325,6 +329,77 @@ class UrlIndex(Sequence):
 
 
 # -- map-style ---------------------------------------------------------------------------------------
+class _Readahead:
+    """JuiceDataset's readahead, per process. A DataLoader with a sequential sampler hands each
+    worker batches at a fixed stride (worker ``w`` of ``W`` gets batches ``w, w+W, ...``); a
+    remote read of a small file then waits for its block, a GET, while the compute step waits
+    for the sample. So while the batches come at that stride and reads still fetch from the
+    object store (cold), the blocks of the files of this worker's next batches are fetched in
+    the background (``Volume.prefetch_files``, READAHEAD_BYTES ahead). A warm pass (nothing
+    fetched) and a shuffled one (no stride) start nothing."""
+
+    def __init__(self):
+        self.prev: int | None = None       # the first index of the previous batch
+        self.run = 0                       # batches in a row that came at the stride
+        self.upto = -1                     # files up to this index are being fetched already
+        self.span = 0                      # this worker's files the last step covered
+        self.cold = False                  # reads fetch from afar, or the last step did
+        self.gets = 0                      # the remote GET count after the previous batch
+        self.pool: ThreadPoolExecutor | None = None
+        self.busy: Future | None = None
+        self.pid = -1
+
+    def after(self, indices: list[int], ds: "JuiceDataset") -> None:
+        if not indices:
+            return
+        first, b = indices[0], len(indices)
+        prev, self.prev = self.prev, first
+        gets, self.gets = self.gets, ds._vols.remote_gets()
+        if self.gets != gets:
+            self.cold = True                # a read fetched from afar
+        info = get_worker_info()
+        stride = b * (info.num_workers if info is not None else 1)
+        self.run = self.run + 1 if prev is not None and first - prev == stride else 0
+        if self.run < 2 or indices != list(range(first, first + b)):
+            return                          # not (yet) the order a sequential sampler deals
+        if not self.cold:
+            return                          # nothing fetched from afar: warm
+        if self.busy is not None and not self.busy.done():
+            return
+        if (self.upto - first - b + 1) * b // stride * 2 > self.span:
+            return                          # more than half a step is still ahead
+        if self.pid != os.getpid():
+            self.pool, self.pid = ThreadPoolExecutor(1, "tj-readahead"), os.getpid()
+        self.busy = self.pool.submit(self._fetch, ds, first, b, stride)
+
+    def _fetch(self, ds: "JuiceDataset", first: int, b: int, stride: int) -> None:
+        """Start fetching the files of this worker's next batches, READAHEAD_BYTES of them."""
+        n = len(ds.urls)
+        want = []
+        for k in range(first + stride, n, stride):
+            want += [j for j in range(k, min(k + b, n)) if j > self.upto]
+            if len(want) >= READAHEAD_FILES:
+                break
+        want = want[:READAHEAD_FILES]
+        self.cold = False
+        try:
+            if want:
+                vol, _ = ds._vols.locate(ds.urls[want[0]])
+                name = vol.name
+                paths = []
+                for j in want:                      # one volume at a time
+                    v, path = ds._vols.locate(ds.urls[j])
+                    if v.name != name:
+                        break
+                    paths.append(path)
+                done, started = vol.prefetch_files(paths, READAHEAD_BYTES)
+                self.cold = started > 0
+                if done:
+                    self.upto, self.span = want[done - 1], done
+        except Exception as e:               # only a speed-up: the reads report real errors
+            log.debug("dataset readahead failed: %s", e)
+
+
 class JuiceDataset(Dataset):
     """Map-style dataset: item ``i`` is the content of the ``i``-th file.
 
@@ -355,6 +430,7 @@ class JuiceDataset(Dataset):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._threaded = False              # the last batch's reads were slow (remote)
+        self._ahead = _Readahead()
         if url_or_list is None:             # from_manifest fills the index
             self.urls = UrlIndex([])
             return
@@ -394,6 +470,7 @@ class JuiceDataset(Dataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_pool"], state["_pool_pid"], state["_threaded"] = None, -1, False
+        state["_ahead"] = _Readahead()
         return state
 
     def _read(self, i: int):
@@ -418,13 +495,21 @@ class JuiceDataset(Dataset):
         return [self._item(u, d) for u, d in zip(urls, self._vols.read_many(urls))]
 
     def __getitem__(self, i: int):
-        return self._read(int(i))
+        i = int(i)
+        item = self._read(i)
+        self._ahead.after([i], self)
+        return item
 
     def __getitems__(self, indices: Sequence[int]) -> list:
         """A batch of items (the DataLoader calls this). Read inline while reads are local and
         fast; on ``io_threads`` threads, so that latencies overlap, once they are slow (see
         ``SLOW_READ``)."""
         indices = [int(i) for i in indices]
+        out = self._read_batch(indices)
+        self._ahead.after(indices, self)
+        return out
+
+    def _read_batch(self, indices: list[int]) -> list:
         if len(indices) <= 1:
             return [self._read(i) for i in indices]
         out: list = []

@@ -665,12 +665,14 @@ class ChunkStore:
         finally:
             self._unpin(key, data)
 
-    def prefetch(self, blocks: list[tuple[str, int]]) -> None:
-        """Start background downloads of blocks a reader will want soon (readahead). Blocks
+    def prefetch(self, blocks: list[tuple[str, int]]) -> int:
+        """Start background downloads of blocks a reader will want soon (readahead); returns
+        how many were started (blocks in memory or in the disk cache already are not). Blocks
         stored as files on this machine, uncompressed, are only advised to the kernel
         (:meth:`ObjectStore.advise`): it reads them into the page cache, from which the reader
         copies straight into its buffer; a copy in the memory buffer would be one copy more."""
         pool = None
+        started = 0
         advise = self.compressor.name == "none"
         for key, bsize in blocks:
             if advise and self.store.advise(key):
@@ -685,6 +687,8 @@ class ChunkStore:
             pool = pool or self._pool("prefetch")
             self.metrics.prefetch_count += 1
             pool.submit(self._prefetch_one, key, bsize)
+            started += 1
+        return started
 
     def _prefetch_one(self, key: str, bsize: int) -> None:
         try:

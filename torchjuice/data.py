@@ -362,10 +362,8 @@ class _Readahead:
         self.run = self.run + 1 if prev is not None and first - prev == stride else 0
         if self.run < 2 or indices != list(range(first, first + b)):
             return                          # not (yet) the order a sequential sampler deals
-        if not self.cold:
-            return                          # nothing fetched from afar: warm
-        if self.busy is not None and not self.busy.done():
-            return
+        if not self.cold or self.busy is not None and not self.busy.done():
+            return                          # warm (nothing fetched from afar), or still busy
         if (self.upto - first - b + 1) * b // stride * 2 > self.span:
             return                          # more than half a step is still ahead
         if self.pid != os.getpid():
@@ -383,15 +381,14 @@ class _Readahead:
         want = want[:READAHEAD_FILES]
         self.cold = False
         try:
-            if want:
-                vol, _ = ds._vols.locate(ds.urls[want[0]])
-                name = vol.name
-                paths = []
-                for j in want:                      # one volume at a time
-                    v, path = ds._vols.locate(ds.urls[j])
-                    if v.name != name:
-                        break
-                    paths.append(path)
+            vol, paths = None, []
+            for j in want:                          # one volume at a time
+                v, path = ds._vols.locate(ds.urls[j])
+                if vol is not None and v is not vol:
+                    break
+                vol = v
+                paths.append(path)
+            if vol is not None:
                 done, started = vol.prefetch_files(paths, READAHEAD_BYTES)
                 self.cold = started > 0
                 if done:

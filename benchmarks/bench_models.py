@@ -23,13 +23,16 @@ Every run is a fresh subprocess (so its peak RSS, VmHWM, is that method's), time
 the load call to the end of "materialised": every tensor fully read into the process (one byte of
 every 4 KiB page touched -- for safetensors' mmap tensors this is what faults the file in). The
 clock includes connecting to the volume and creating S3 clients (not imports: every method's
-modules are imported before it starts, the metadata engine's too). Each run then checks its bytes
+modules are imported before it starts, the metadata engine's too, and a full garbage collection
+runs right before the clock, so that a collection the imports left due does not land inside one
+method's window). Each run then checks its bytes
 against checksums taken when the model was written. Time to first tensor: from the start to the
 first tensor materialised. Figures: the median of --repeat runs, methods interleaved.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -186,6 +189,9 @@ def child(args: dict) -> dict:
     elif method == "runai":
         from runai_model_streamer import SafetensorsStreamer
 
+    # a garbage collection the imports left due must not land inside one method's window (a
+    # generation-2 pass over torch's objects takes ~50 ms here): collect first, for every method
+    gc.collect()
     t0 = time.perf_counter()
     if method.startswith("preadv"):
         from torchjuice.models import _byte_view

@@ -98,23 +98,34 @@ class Bench:
 
     # -- setup -------------------------------------------------------------------------------------
     def setup(self):
-        import boto3
         import torchjuice as tj
-        from ..bench_checkpoint import start_s3
         self.tj = tj
+        self.local_root = os.path.join(self.work, "local")
+        self.meta_local = f"sqlite3://{self.work}/tjlocal.db"
+        tj.format(self.meta_local, "tjlocal", storage=f"file://{self.work}/tjlocal-blocks")
+        self.vol_local = tj.connect(self.meta_local)
+        self.s3 = self.vol_s3 = None
+        self.base = random_base()
+
+    def fresh_s3(self, tag: str) -> None:
+        """A new S3 server, bucket and S3 volume for the next workload. moto runs on this
+        machine and keeps the memory of every object it was given (after deletes too): the
+        workloads after the first would otherwise run beside the earlier ones' data."""
+        import boto3
+        from ..bench_checkpoint import start_s3
+        if self.vol_s3 is not None:
+            self.vol_s3.close()
+        if self.s3 is not None:
+            self.s3.stop()
         # moto's S3 server with bench_checkpoint's one-element fix of the CompleteMultipartUpload
         # reply (without it s3torchconnector's CRT client fails every multipart upload)
         self.s3 = start_s3()
         self.boto = boto3.client("s3", endpoint_url=self.s3.endpoint, region_name=accel.REGION)
         self.boto.create_bucket(Bucket="mlperf")
-        self.local_root = os.path.join(self.work, "local")
-        self.meta_local = f"sqlite3://{self.work}/tjlocal.db"
-        tj.format(self.meta_local, "tjlocal", storage=f"file://{self.work}/tjlocal-blocks")
-        self.meta_s3 = f"sqlite3://{self.work}/tjs3.db"
-        tj.format(self.meta_s3, "tjs3", storage=self.s3.url())
-        self.vol_local = tj.connect(self.meta_local)
-        self.vol_s3 = tj.connect(self.meta_s3, cache_size=0)      # the writer keeps no cache
-        self.base = random_base()
+        self.s3_name = f"tjs3-{tag}"
+        self.meta_s3 = f"sqlite3://{self.work}/{self.s3_name}.db"
+        self.tj.format(self.meta_s3, self.s3_name, storage=self.s3.url())
+        self.vol_s3 = self.tj.connect(self.meta_s3, cache_size=0)   # the writer keeps no cache
 
     def teardown(self):
         for v in (getattr(self, "vol_local", None), getattr(self, "vol_s3", None)):
@@ -178,10 +189,10 @@ class Bench:
                     "cache_fill": fill}
         if kind == "tj-s3":
             cache = warm_cache if state == "warm" else self.fresh_dir("cache-cold")
-            return {"kind": "tj", "volume": "tjs3", "meta": self.meta_s3, "cache_dir": cache,
+            return {"kind": "tj", "volume": self.s3_name, "meta": self.meta_s3, "cache_dir": cache,
                     "cache_fill": fill}
         if kind == "tj-s3-nocache":
-            return {"kind": "tj", "volume": "tjs3", "meta": self.meta_s3, "cache_dir": None,
+            return {"kind": "tj", "volume": self.s3_name, "meta": self.meta_s3, "cache_dir": None,
                     "cache_size": "0"}
         if kind == "local":
             return {"kind": "local", "root": self.local_root}
@@ -510,6 +521,7 @@ def main(argv=None) -> None:
     try:
         b.setup()
         for wname in a.workloads.split(","):
+            b.fresh_s3(wname)
             if wname == "checkpoint":
                 b.checkpoint(ctx)
             else:

@@ -587,6 +587,19 @@ def test_sequential_cold_reads_fetch_the_next_files_blocks_ahead(tmp_path, s3_se
         assert vol.metrics()["prefetch_count"] == 0
     finally:
         vol.close()
+    # files one to an object: nothing to share, so no readahead (each read returns its own GET)
+    with tj.connect(meta, cache_size=0) as writer:
+        writer.makedirs("/big")
+        for i in range(12):
+            writer.write_bytes(f"/big/{i:02d}", bytes([i]) * 300_000)
+    monkeypatch.setenv("TORCHJUICE_CACHE_DIR", str(tmp_path / "cache3"))
+    alone = JuiceDataset("juice://s3ra/big")
+    vol = alone._vols.get("s3ra")
+    try:
+        assert [alone[i] for i in range(12)] == [bytes([i]) * 300_000 for i in range(12)]
+        assert vol.metrics()["prefetch_count"] == 0 and alone._ahead.off
+    finally:
+        vol.close()
 
 
 # -- bad input ---------------------------------------------------------------------------------------

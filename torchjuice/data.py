@@ -334,9 +334,11 @@ class _Readahead:
     worker batches at a fixed stride (worker ``w`` of ``W`` gets batches ``w, w+W, ...``); a
     remote read of a small file then waits for its block, a GET, while the compute step waits
     for the sample. So while the batches come at that stride and reads still fetch from the
-    object store (cold), the blocks of the files of this worker's next batches are fetched in
-    the background (``Volume.prefetch_files``, READAHEAD_BYTES ahead). A warm pass (nothing
-    fetched) and a shuffled one (no stride) start nothing."""
+    object store (cold), the blocks that the files of this worker's next batches share (small
+    files packed together) are fetched in the background (``Volume.prefetch_files``,
+    READAHEAD_BYTES ahead). A warm pass (nothing fetched) and a shuffled one (no stride) start
+    nothing; files one to a block turn it off (their batch's reads already overlap on threads,
+    and a prefetched block costs them a copy out of the memory buffer)."""
 
     def __init__(self):
         self.prev: int | None = None       # the first index of the previous batch
@@ -344,13 +346,14 @@ class _Readahead:
         self.upto = -1                     # files up to this index are being fetched already
         self.span = 0                      # this worker's files the last step covered
         self.cold = False                  # reads fetch from afar, or the last step did
+        self.off = False                   # the files do not share blocks: no readahead
         self.gets = 0                      # the remote GET count after the previous batch
         self.pool: ThreadPoolExecutor | None = None
         self.busy: Future | None = None
         self.pid = -1
 
     def after(self, indices: list[int], ds: "JuiceDataset") -> None:
-        if not indices:
+        if not indices or self.off:
             return
         first, b = indices[0], len(indices)
         prev, self.prev = self.prev, first
@@ -389,8 +392,9 @@ class _Readahead:
                 vol = v
                 paths.append(path)
             if vol is not None:
-                done, started = vol.prefetch_files(paths, READAHEAD_BYTES)
+                done, shared, started = vol.prefetch_files(paths, READAHEAD_BYTES)
                 self.cold = started > 0
+                self.off = not shared           # files one to a block: nothing to gain
                 if done:
                     self.upto, self.span = want[done - 1], done
         except Exception as e:               # only a speed-up: the reads report real errors

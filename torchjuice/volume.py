@@ -467,15 +467,16 @@ class Volume:
                 out[i] = data
         return out
 
-    def prefetch_files(self, paths: Sequence[str], max_bytes: int) -> tuple[int, int]:
-        """Start fetching, in the background, the blocks of the files a reader will read next
-        (in order, one metadata transaction), until ``max_bytes`` of files are covered; returns
-        how many of ``paths`` that took and how many downloads it started. Blocks already in
-        memory or in the local cache, paths that are missing or not regular files: skipped
-        (the read itself reports them). For readers of many small files in a known order
-        (``JuiceDataset``)."""
+    def prefetch_files(self, paths: Sequence[str], max_bytes: int) -> tuple[int, int, int]:
+        """Start fetching, in the background, the blocks that small files a reader will read next
+        share with each other (files packed by :meth:`write_many`: one GET serves many of them),
+        resolving ``paths`` in order in one metadata transaction, until ``max_bytes`` of files
+        are covered. Returns ``(paths covered, shared blocks seen, downloads started)``. Blocks
+        already in memory or in the local cache are not fetched again; a file alone in its
+        blocks is left to its own read, which returns the GET's bytes without a copy; missing
+        paths are skipped (the read reports them). For ``JuiceDataset``'s readahead."""
         found = self.meta.resolve_slices_many([self.norm(p) for p in paths])
-        blocks: dict[tuple[str, int], None] = {}
+        files: dict[tuple[str, int], int] = {}          # block -> how many of the files it holds
         covered = 0
         for got in found:
             if max_bytes <= 0:
@@ -486,13 +487,9 @@ class Volume:
             max_bytes -= got[0].length
             where = self._in_one_block(*got)
             if where is not None:
-                blocks[where[:2]] = None
-            else:                                  # a bigger file: every block of its chunks
-                for slices in got[1]:
-                    for s in slices:
-                        if s.id:
-                            blocks.update(dict.fromkeys(self.chunks.blocks(s.id, s.size)))
-        return covered, self.chunks.prefetch(list(blocks))
+                files[where[:2]] = files.get(where[:2], 0) + 1
+        shared = [b for b, n in files.items() if n > 1]
+        return covered, len(shared), self.chunks.prefetch(shared)
 
     def _read_whole_or_again(self, path: str, got) -> bytes:
         try:

@@ -476,7 +476,7 @@ class Volume:
         blocks is left to its own read, which returns the GET's bytes without a copy; missing
         paths are skipped (the read reports them). For ``JuiceDataset``'s readahead."""
         found = self.meta.resolve_slices_many([self.norm(p) for p in paths])
-        files: dict[tuple[str, int], int] = {}          # block -> how many of the files it holds
+        count: dict[tuple[str, int], int] = {}          # block -> how many of the files it holds
         covered = 0
         for got in found:
             if max_bytes <= 0:
@@ -487,8 +487,8 @@ class Volume:
             max_bytes -= got[0].length
             where = self._in_one_block(*got)
             if where is not None:
-                files[where[:2]] = files.get(where[:2], 0) + 1
-        shared = [b for b, n in files.items() if n > 1]
+                count[where[:2]] = count.get(where[:2], 0) + 1
+        shared = [b for b, n in count.items() if n > 1]
         return covered, len(shared), self.chunks.prefetch(shared)
 
     def _read_whole_or_again(self, path: str, got) -> bytes:

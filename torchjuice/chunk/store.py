@@ -549,15 +549,12 @@ class ChunkStore:
         run at a low priority (FILL_NICE) so that a pass that does not wait is not slowed by
         them; a read that waits for them would inherit that priority on a busy machine -- it
         does the work at its own instead. False when nothing is queued (a filler holds the
-        last block: wait for it)."""
+        last block: wait for it). The queue holds no stop mark here: ``close`` puts those only
+        after it has set ``_fill`` to None under the lock, and the caller checked it is not."""
         q = self._fill
         try:
             item = q.get_nowait()
         except queue.Empty:
-            return False
-        if item is None:                     # closing: leave the stop mark to a filler
-            q.put(None)
-            q.task_done()
             return False
         self._lock.release()
         try:

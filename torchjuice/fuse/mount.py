@@ -94,7 +94,7 @@ def serve(vol, mountpoint: str, meta_url: str, *, attr_timeout: float = 1.0,
         log.info("unmounted %s", mountpoint)
 
 
-def tune_malloc(keep: int = 64 << 20, mmap_threshold: int = 32 << 20) -> bool:
+def tune_malloc(keep: int = 64 << 20) -> bool:
     """Keep freed memory for reuse instead of handing it back to the kernel at once.
 
     Every FUSE write arrives as a fresh 1 MiB ``bytes`` (pyfuse3 copies the request into one),
@@ -102,10 +102,10 @@ def tune_malloc(keep: int = 64 << 20, mmap_threshold: int = 32 << 20) -> bool:
     them), then freed. glibc returns such memory to the kernel (``munmap``, or a ``brk`` trim of
     the heap's top once more than its trim threshold is free), so later requests' copies
     page-fault on fresh pages: that cost as much CPU as the copies themselves. With requests
-    taken from the heap (below ``mmap_threshold``) and up to ``keep`` free bytes kept, the same
+    taken from the heap (below 32 MiB) and up to ``keep`` free bytes kept, the same
     memory serves request after request (a 1 GiB write through a fresh mount: 62,000 page faults
     with 64 MiB kept, 3,000-5,000 with 320 MiB). glibc only; False elsewhere."""
-    return pin_malloc(mmap_threshold, keep)
+    return pin_malloc(32 << 20, keep)
 
 
 async def _signals(nursery, state) -> None:

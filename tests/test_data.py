@@ -128,31 +128,47 @@ def test_dataset_listing_is_one_metadata_call_per_directory(vol):
         for i in range(40):
             vol.open(f"/big/d{d}/f{i:03d}", "wb").close()
         vol.open(f"/big/d{d}/sub/last", "wb").close()
-    calls = {"readdir": 0, "other": 0}
+    calls = {"readdir_files": 0, "lookup": 0, "raw_attrs": 0, "other": 0}
     meta = vol.meta
-    real_readdir = meta.readdir
-
-    def readdir(inode):
-        calls["readdir"] += 1
-        return real_readdir(inode)
     patched = {}
-    for name in ("lookup", "getattr", "read_chunk"):
+    for name in ("readdir_files", "lookup", "raw_attrs", "readdir", "getattr", "read_chunk"):
         real = getattr(meta, name)
 
-        def counted(*a, _real=real, **kw):
-            calls["other"] += 1
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name if _name in calls else "other"] += 1
             return _real(*a, **kw)
         patched[name] = counted
     try:
-        meta.readdir = readdir
         for name, fn in patched.items():
             setattr(meta, name, fn)
         ds = JuiceDataset(f"juice://{VOL}/big")
     finally:
-        for name in ["readdir", *patched]:
+        for name in patched:
             delattr(meta, name)
     assert len(ds) == 5 * 41
-    assert calls == {"readdir": 1 + 5 + 5, "other": 0}      # /big, d0..d4, d0/sub..d4/sub
+    # /big, d0..d4, d0/sub..d4/sub; and the way down to /big: the root's attributes, one lookup
+    assert calls == {"readdir_files": 1 + 5 + 5, "lookup": 1, "raw_attrs": 1, "other": 0}
+
+
+def test_listed_dataset_reads_without_path_lookups_and_sees_changes(vol):
+    """A dataset made from a directory reads its small files through the listing (no path
+    lookup each), in the process and in spawned workers (the listing pickles along), and still
+    returns a file changed after the listing as it is now."""
+    vol.makedirs("/ls/x")
+    files = {f"/ls/x/{i:03d}": bytes([i]) * (100 + i) for i in range(24)}
+    vol.write_many(files.items())
+    ds = JuiceDataset(f"juice://{VOL}/ls")
+    m = ds._vols.get(VOL)
+    before = m.metrics()["listed_direct"]
+    assert ds.__getitems__(list(range(24))) == list(files.values())
+    assert m.metrics()["listed_direct"] - before == 24
+    vol.write_bytes("/ls/x/005", b"changed")
+    expect = list(files.values())
+    expect[5] = b"changed"
+    assert ds.__getitems__(list(range(24))) == expect
+    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=list,
+                        multiprocessing_context="spawn")
+    assert [x for b in loader for x in b] == expect
 
 
 def test_manifest_roundtrip_local_and_juice(vol, tmp_path):

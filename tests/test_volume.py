@@ -308,6 +308,66 @@ def test_read_many(any_vol):
     assert v.read_many([]) == []
 
 
+def test_read_listed_reads_each_file_as_it_is_now(any_vol):
+    """list_tree + read_listed: files unchanged since the listing are read from the block it
+    recorded, after one metadata read for the batch; any change to a file, or to a directory
+    on its path, sends that file by path -- the result is always the file as it is now."""
+    v = any_vol
+    v.makedirs("/t/a")
+    v.makedirs("/t/b/c")
+    v.makedirs("/elsewhere")
+    data = {f"/t/a/f{i}": pattern(500 + i, i) for i in range(6)}
+    data["/t/b/c/deep"] = pattern(700, 20)
+    data["/t/b/big"] = pattern(MiB + 5, 21)           # more than a block: by path
+    data["/t/empty"] = b""                              # no block: by path
+    v.write_many(list(data.items()))                    # packed, as cp does
+    v.write_bytes("/elsewhere/x", pattern(900, 30))
+    v.write_bytes("/t/b/c/deep", data["/t/b/c/deep"])   # one file alone in its block
+    files, listing = v.list_tree("t/")
+    paths = [p for p, _ in files]
+    assert paths == sorted(data) and [n for _, n in files] == [len(data[p]) for p in paths]
+    assert len(listing) == len(paths)
+    index = {p: k for k, p in enumerate(paths)}
+    some = [index[p] for p in ("/t/a/f0", "/t/a/f1", "/t/a/f2", "/t/b/c/deep", "/t/b/big")]
+
+    def read(ks):
+        m = v.metrics()
+        got = v.read_listed(listing, ks, [paths[k] for k in ks])
+        after = v.metrics()
+        return got, (after["listed_direct"] - m["listed_direct"],
+                     after["listed_by_path"] - m["listed_by_path"])
+
+    def now(ks):
+        return [v.read_bytes(paths[k]) for k in ks]
+
+    got, counts = read(list(range(len(paths))))
+    assert got == [data[p] for p in paths] and counts == (len(paths) - 2, 2)
+    v.write_bytes("/t/a/f0", pattern(500, 99))          # same length, new bytes
+    got, counts = read(some)
+    assert got == now(some) and got[0] == pattern(500, 99) and counts == (3, 2)
+    v.truncate("/t/a/f1", 100)
+    got, counts = read(some)
+    assert got == now(some) and len(got[1]) == 100 and counts == (2, 3)
+    v.rename("/elsewhere/x", "/t/a/f2")                 # replaced: /t/a changed, all of it by path
+    got, counts = read(some)
+    assert got == now(some) and got[2] == pattern(900, 30) and counts == (1, 4)
+    with v.open("/t/b/c/deep", "ab") as f:              # appended to
+        f.write(b"more")
+    got, counts = read(some)
+    assert got == now(some) and got[3].endswith(b"more") and counts == (0, 5)
+    v.remove("/t/a/f3")
+    with pytest.raises(FileNotFoundError):
+        v.read_listed(listing, [index["/t/a/f3"]], ["/t/a/f3"])
+    v.rename("/t", "/old")                              # the top replaced by another tree
+    v.makedirs("/t/a")
+    v.write_bytes("/t/a/f4", b"another tree")
+    assert read([index["/t/a/f4"]]) == ([b"another tree"], (0, 1))
+    with pytest.raises(FileNotFoundError):
+        v.list_tree("/missing")
+    with pytest.raises(NotADirectoryError):
+        v.list_tree("/t/a/f4")
+
+
 def test_read_bytes_is_one_metadata_transaction(vol):
     vol.makedirs("/a/b")
     vol.write_bytes("/a/b/f", pattern(100_000))

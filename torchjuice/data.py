@@ -51,7 +51,8 @@ MANIFEST_FORMAT = "torchjuice-manifest"
 SLOW_READ = 0.001
 INLINE_GROUP = 8          # files read inline first in one metadata transaction (a timing probe);
 INLINE_MAX = 32           # once that group was fast, this many per transaction (one directory
-                          # lookup and one SELECT for all: 50 us a warm file instead of 63 at 8)
+                          # lookup and one SELECT for all: 50 us a warm file instead of 63 at 8);
+                          # no probe after a batch read inline without a remote GET (warm)
 # JuiceDataset's readahead: while batches come in order and reads fetch from a remote store, the
 # blocks of the files this worker reads next are fetched in the background, this far ahead
 READAHEAD_BYTES = 32 * MiB
@@ -255,28 +256,24 @@ class _Volumes:
 
 def list_files(url: str, meta: str | None = None) -> list[tuple[str, int]]:
     """``(url, size)`` of every regular file under ``url`` (a directory, walked recursively, or a
-    single file), sorted by URL. One ``scandir`` (one metadata call) per directory; symlinks are
-    not followed."""
+    single file), sorted by URL. One metadata transaction per directory; symlinks are not
+    followed."""
+    return _list_files(url, meta)[0]
+
+
+def _list_files(url: str, meta: str | None = None) -> tuple[list[tuple[str, int]], tuple | None]:
+    """:func:`list_files`, and for a directory ``(volume name, Listing)`` (see
+    ``Volume.list_tree``): where each small file's bytes lay, for reads without a path lookup."""
     name, path = split_url(url)
     vol = volume_for(name, meta)
     top = vol.norm(path)
     attr = vol.getattr(top)
     if attr.is_file:
-        return [(f"juice://{name}{top}", attr.length)]
+        return [(f"juice://{name}{top}", attr.length)], None
     if not attr.is_dir:
         raise OSError(f"{url} is neither a file nor a directory")
-    out: list[tuple[str, int]] = []
-    stack = [top]
-    while stack:
-        d = stack.pop()
-        for entry, a in vol.scandir(d):
-            p = posixpath.join(d, entry)
-            if a.is_dir:
-                stack.append(p)
-            elif a.is_file:
-                out.append((f"juice://{name}{p}", a.length))
-    out.sort()
-    return out
+    files, listing = vol.list_tree(top)
+    return [(f"juice://{name}{p}", n) for p, n in files], (name, listing)
 
 
 def _is_juice(url) -> bool:
@@ -415,6 +412,11 @@ class JuiceDataset(Dataset):
     (``__getitems__``), ``io_threads`` at a time. Works with any sampler, ``DistributedSampler``
     included. ``ds.urls[i]`` is the URL of item ``i``.
 
+    A dataset made from a directory keeps, from its listing, where each small file's bytes lie
+    (``Volume.list_tree``): a batch then checks in one metadata read that the files, and the
+    directories on their paths, are unchanged, and reads them without a path lookup each
+    (``Volume.read_listed``); a file changed since is read by path, as it is now.
+
     ``cache_fill`` (``"auto"``): how reads fill the local disk cache (see ``Volume.cache_fill``):
     ``"wait"`` (every block cached, through the page cache, so the next epoch reads memory) for a
     data set that fits in half of this machine's memory, ``"direct"`` (``O_DIRECT``: no page cache
@@ -431,7 +433,9 @@ class JuiceDataset(Dataset):
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
         self._threaded = False              # the last batch's reads were slow (remote)
+        self._warm = False                  # the last batch was read inline, nothing remote
         self._ahead = _Readahead()
+        self._listing: tuple | None = None  # (volume name, Listing) of a listed directory
         if url_or_list is None:             # from_manifest fills the index
             self.urls = UrlIndex([])
             return
@@ -440,7 +444,7 @@ class JuiceDataset(Dataset):
                 urls = [_check_url(u) for u in expand_braces(url_or_list)]
                 self.urls = UrlIndex(urls)
             else:
-                files = list_files(url_or_list, meta)
+                files, self._listing = _list_files(url_or_list, meta)
                 if not files:
                     raise ValueError(f"no files under {url_or_list}")
                 self.urls = UrlIndex((u for u, _ in files), (s for _, s in files))
@@ -471,6 +475,7 @@ class JuiceDataset(Dataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_pool"], state["_pool_pid"], state["_threaded"] = None, -1, False
+        state["_warm"] = False
         state["_ahead"] = _Readahead()
         return state
 
@@ -493,7 +498,13 @@ class JuiceDataset(Dataset):
     def _read_group(self, indices: list[int]) -> list:
         """Items ``indices``, their files read with one metadata transaction."""
         urls = [self.urls[i] for i in indices]
-        return [self._item(u, d) for u, d in zip(urls, self._vols.read_many(urls))]
+        if self._listing is None:
+            datas = self._vols.read_many(urls)
+        else:                               # no path lookups while the files are as listed
+            name, listing = self._listing
+            cut = len("juice://") + len(name)
+            datas = self._vols.get(name).read_listed(listing, indices, [u[cut:] for u in urls])
+        return [self._item(u, d) for u, d in zip(urls, datas)]
 
     def __getitem__(self, i: int):
         i = int(i)
@@ -516,9 +527,10 @@ class JuiceDataset(Dataset):
         out: list = []
         if not self._threaded or self.io_threads <= 1:
             # inline, a few files per metadata transaction, while reads stay fast
-            pos = 0
+            pos, first = 0, INLINE_MAX if self._warm else INLINE_GROUP
+            start = self._vols.remote_gets()
             while pos < len(indices):
-                group = indices[pos:pos + (INLINE_GROUP if pos == 0 else INLINE_MAX)]
+                group = indices[pos:pos + (first if pos == 0 else INLINE_MAX)]
                 t, gets = time.perf_counter(), self._vols.remote_gets()
                 out += self._read_group(group)
                 pos += len(group)
@@ -527,7 +539,9 @@ class JuiceDataset(Dataset):
                     self._threaded = True
                     break
             else:
+                self._warm = self._vols.remote_gets() == start
                 return out
+        self._warm = False
         if self._pool is None or self._pool_pid != os.getpid():
             self._pool = ThreadPoolExecutor(self.io_threads, "tj-dataset")
             self._pool_pid = os.getpid()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import array
 import itertools
 import json
 import os
@@ -20,11 +21,13 @@ import uuid as _uuid
 import weakref
 from typing import Iterator, Sequence
 
+import xxhash
+
 from .chunk.store import ChunkStore
 from .errors import (AlreadyFormattedError, ClosedVolumeError, InvalidURLError, NotFormattedError,
                      PathEscapeError, VolumeMismatchError, oserror)
 from .meta import (CHUNK_SIZE, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INODE, TYPE_DIR,
-                   TYPE_FILE, Attr, Format, Meta, new_meta)
+                   TYPE_FILE, Attr, Format, Meta, new_meta, unpack_attr, unpack_slices)
 from .object import create_store
 from .units import parse_size
 from .vfs.handle import JuiceRawFile, open_flags
@@ -207,6 +210,37 @@ def _stat_result(a: Attr) -> os.stat_result:
                            a.atime, a.mtime, a.ctime))
 
 
+
+def _attr_sum(raw) -> int:
+    """A digest of an inode's raw attributes, 63 bits (-1: the inode is gone)."""
+    return -1 if raw is None else xxhash.xxh3_64_intdigest(raw) >> 1
+
+
+class Listing:
+    """Where the bytes of each regular file under a directory lay when :meth:`Volume.list_tree`
+    listed it, for :meth:`Volume.read_listed`: file ``i`` (in path order) has its inode, a digest
+    of its attributes, the directory it was found in and -- for a file whose bytes are one range
+    of one block (a small file, or one packed with others) -- that block and offset. Each
+    directory keeps the inodes and attribute digests of its path from the root. Arrays, so that
+    a DataLoader worker inherits a few objects whatever the number of files, and pickling is
+    fast."""
+
+    def __init__(self):
+        self.inode = array.array("q")
+        self.attr = array.array("q")      # _attr_sum of the file's attributes
+        self.dir = array.array("i")       # index into self.dirs
+        self.sid = array.array("q")       # slice id of the file's one block; 0: read by path
+        self.index = array.array("i")     # that block's index in its slice, its size, the offset
+        self.bsize = array.array("q")
+        self.off = array.array("q")
+        self.length = array.array("q")
+        self.dirs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []   # (inodes, digests)
+        self.usable = True                # False: the path to the top went through a symlink
+
+    def __len__(self) -> int:
+        return len(self.inode)
+
+
 class Volume:
     """A connected volume: paths are absolute inside it (``/a/b``); relative paths start at the
     root; ``..`` may not climb above it."""
@@ -241,6 +275,8 @@ class Volume:
         self._files: weakref.WeakSet = weakref.WeakSet()     # open file objects, closed with us
         self._lock = threading.Lock()
         self.closed = False
+        self.listed_direct = 0      # read_listed: files read from the listed block
+        self.listed_by_path = 0     # ... and by path (changed since, or not one block)
         if session:
             meta.session_stats = self.metrics
             meta.heartbeat_interval = stats_interval
@@ -467,6 +503,116 @@ class Volume:
                 out[i] = data
         return out
 
+    def list_tree(self, top: str = "/") -> tuple[list[tuple[str, int]], Listing]:
+        """``(path, size)`` of every regular file under directory ``top`` (recursive; symlinks
+        not followed), sorted by path, and a :class:`Listing` of them for :meth:`read_listed`.
+        Each directory is read in one metadata transaction: its entries, their attributes and
+        where the bytes of its small files lie."""
+        top = self.norm(top)
+        inos: list[int] = []
+        sums: list[int] = []
+        ino, usable = ROOT_INODE, True
+        names = top.strip("/").split("/") if top != "/" else []
+        for k, name in enumerate(names):        # the path down to top: each directory's
+            inos.append(ino)                    # attributes, read before its entry is looked up
+            sums.append(_attr_sum(self.meta.raw_attrs([ino])[0]))
+            try:
+                a = self.meta.lookup(ino, name)
+            except OSError as e:
+                raise _named(e, top) from None
+            if not a.is_dir:                    # a symlink on the way: listed, read by path
+                a, usable = self._attr("/" + "/".join(names[:k + 1])), False
+                if not a.is_dir:
+                    raise oserror(errno.ENOTDIR, top)
+            ino = a.inode
+        found: list[tuple] = []
+        lst = Listing()
+        lst.usable = usable
+        stack = [(top, ino, tuple(inos), tuple(sums))]
+        while stack:
+            d, dino, inos_, sums_ = stack.pop()
+            try:
+                raw, entries = self.meta.readdir_files(dino)
+            except FileNotFoundError:
+                continue                        # removed since its parent was read
+            inos_, sums_ = inos_ + (dino,), sums_ + (_attr_sum(raw),)
+            k = len(lst.dirs)
+            lst.dirs.append((inos_, sums_))
+            base = d if d.endswith("/") else d + "/"
+            for ename, (typ, inode, rawattr, slices) in entries.items():
+                p = base + ename.decode("utf-8", "surrogateescape")
+                if typ == TYPE_DIR:
+                    stack.append((p, inode, inos_, sums_))
+                elif typ == TYPE_FILE and rawattr is not None:
+                    a = unpack_attr(inode, rawattr)
+                    where = self._block_of(a, [unpack_slices(slices)]) \
+                        if a.length <= CHUNK_SIZE else None
+                    found.append((p, a.length, inode, _attr_sum(rawattr), k, where))
+        found.sort(key=lambda f: f[0])
+        for p, n, inode, digest, k, where in found:
+            sid, index, bsize, off = where or (0, 0, 0, 0)
+            lst.inode.append(inode)
+            lst.attr.append(digest)
+            lst.dir.append(k)
+            lst.sid.append(sid)
+            lst.index.append(index)
+            lst.bsize.append(bsize)
+            lst.off.append(off)
+            lst.length.append(n)
+        return [(p, n) for p, n, *_ in found], lst
+
+    def read_listed(self, listing: Listing, indices: Sequence[int],
+                    paths: Sequence[str]) -> list[bytes]:
+        """``read_many(paths)``, where ``paths[k]`` is file ``indices[k]`` of ``listing`` (from
+        :meth:`list_tree`), with one metadata read for them all instead of a path resolution
+        each: a small file whose attributes, and those of every directory on its path, are
+        still as listed is read from the block the listing recorded -- any change to a file's
+        content changes its attributes, and any change to a directory's entries the
+        directory's, so this is the file as it is now (close-to-open holds). The others are
+        read by path."""
+        L = listing
+        fast = [i for i in indices if L.sid[i]] if L.usable else []
+        if not fast:
+            self.listed_by_path += len(indices)
+            return self.read_many(paths)
+        dirs = {L.dir[i] for i in fast}
+        want = {L.inode[i] for i in fast}
+        for d in dirs:
+            want.update(L.dirs[d][0])
+        want = list(want)
+        now = dict(zip(want, map(_attr_sum, self.meta.raw_attrs(want))))
+        same_dir = {d: all(now[i] == s for i, s in zip(*L.dirs[d])) for d in dirs}
+        cs = self.chunks
+        out: list = [None] * len(indices)
+        runs: list[tuple[str, int, list[int], list[tuple[int, int]]]] = []   # one block's files
+        slow: list[int] = []
+        for k, i in enumerate(indices):
+            sid = L.sid[i]
+            if not sid or not same_dir[L.dir[i]] or now[L.inode[i]] != L.attr[i]:
+                slow.append(k)
+                continue
+            key = cs.key(sid, L.index[i], L.bsize[i])
+            if runs and runs[-1][0] == key:
+                runs[-1][2].append(k)
+                runs[-1][3].append((L.off[i], L.length[i]))
+            else:
+                runs.append((key, L.bsize[i], [k], [(L.off[i], L.length[i])]))
+        for key, bsize, ks, ranges in runs:
+            try:
+                datas = cs.read_ranges_bytes(key, bsize, ranges)
+            except FileNotFoundError:           # compacted since, its old block gone: by path
+                slow += ks
+                continue
+            for k, data in zip(ks, datas):
+                out[k] = data
+        if slow:
+            slow.sort()
+            for k, data in zip(slow, self.read_many([paths[k] for k in slow])):
+                out[k] = data
+        self.listed_by_path += len(slow)
+        self.listed_direct += len(indices) - len(slow)
+        return out
+
     def prefetch_files(self, paths: Sequence[str], max_bytes: int) -> tuple[int, int, int]:
         """Start fetching, in the background, the blocks that small files a reader will read next
         share with each other (files packed by :meth:`write_many`: one GET serves many of them),
@@ -500,6 +646,14 @@ class Volume:
     def _in_one_block(self, attr: Attr, chunks: list):
         """``(block key, block size, offset, length)`` of a non-empty file whose bytes are one
         range of one block (a small file, or one packed with others); else None."""
+        where = self._block_of(attr, chunks)
+        if where is None:
+            return None
+        sid, index, bsize, boff = where
+        return self.chunks.key(sid, index, bsize), bsize, boff, attr.length
+
+    def _block_of(self, attr: Attr, chunks: list):
+        """``(slice id, block index, block size, offset)`` of :meth:`_in_one_block`'s block."""
         n = attr.length
         if n == 0 or len(chunks) != 1 or len(chunks[0]) != 1:
             return None
@@ -511,7 +665,7 @@ class Volume:
         bsize = min(bs, s.size - index * bs)
         if boff + n > bsize:
             return None
-        return self.chunks.key(s.id, index, bsize), bsize, boff, n
+        return s.id, index, bsize, boff
 
     def _read_whole(self, attr: Attr, chunks: list) -> bytes:
         n = attr.length
@@ -821,6 +975,7 @@ class Volume:
         disk-cache hits and misses, prefetches, cache usage."""
         out = self.chunks.stats()
         out.update(self.compactor.stats())
+        out["listed_direct"], out["listed_by_path"] = self.listed_direct, self.listed_by_path
         return out
 
     # -- operations (torchjuice.ops; docs/operations.md) ----------------------------------------------

@@ -1394,6 +1394,22 @@ class BaseMeta(Meta):
             return [(n, unpack_attr(ino, r)) for (n, ino), r in zip(items, raws) if r is not None]
         return self.txn(fn, readonly=True)
 
+    def readdir_files(self, inode: int) -> tuple[bytes, dict]:
+        def fn(tx):
+            raw = tx.get(_ikey(inode))
+            self._dir_attr(inode, raw, f"inode {inode}")
+            return bytes(raw), self._dir_files(tx, inode)
+        return self.txn(fn, readonly=True)
+
+    def _dir_files(self, tx, dir_ino: int) -> dict:
+        """:meth:`_files_in` of every entry of directory ``dir_ino``; engines may do it in one
+        statement."""
+        names = list(tx.hgetall(_dkey(dir_ino)))
+        return self._files_in(tx, dir_ino, names) if names else {}
+
+    def raw_attrs(self, inodes: list[int]) -> list[bytes | None]:
+        return self.txn(lambda tx: tx.gets([_ikey(i) for i in inodes]), readonly=True)
+
     # -- data --------------------------------------------------------------------------------------
     def truncate(self, inode: int, length: int) -> Attr:
         if length < 0:

@@ -230,6 +230,18 @@ class Meta(ABC):
     def readdir(self, inode: int) -> list[tuple[str, Attr]]:
         """Entries (without ``.``/``..``) with their attributes, in one round trip where possible."""
 
+    @abstractmethod
+    def readdir_files(self, inode: int) -> tuple[bytes, dict]:
+        """A directory as one transaction sees it: its own raw attributes, and for each entry
+        name (encoded) ``[type, inode, raw attributes, raw slices of chunk 0]`` (read for regular
+        files; None and ``[]`` for others may be given). Every change to a directory's entries
+        changes its attributes, and every change to a file's content the file's: a reader that
+        kept them (``Volume.list_tree``) knows a later view is the same by comparing them."""
+
+    @abstractmethod
+    def raw_attrs(self, inodes: list[int]) -> list[bytes | None]:
+        """The stored attributes of ``inodes``, raw, in one transaction (None: no such inode)."""
+
     # -- data ----------------------------------------------------------------------------------------
     @abstractmethod
     def truncate(self, inode: int, length: int) -> Attr:

@@ -460,6 +460,21 @@ class SQLMeta(BaseMeta):
                 f"ORDER BY e.f, c.id")
         return _gather_files(tx._x(sql, [f"d{dir_ino}", *names]), {}, key=bytes)
 
+    def _dir_files(self, tx, dir_ino: int) -> dict:
+        # one SELECT: a whole directory's entries, their attributes and chunk 0's slices
+        if not isinstance(tx, _SQLTx):
+            return super()._dir_files(tx, dir_ino)
+        cache = self.__dict__.setdefault("_walk_sql", {})
+        sql = cache.get("dir")
+        if sql is None:
+            digits, mark = self._sql_digits.format("e"), self._sql_mark
+            sql = cache["dir"] = (
+                f"SELECT e.f, e.v, a.v, c.v FROM hkv e "
+                f"LEFT JOIN kv a ON a.k = 'i' || {digits} "
+                f"LEFT JOIN lkv c ON c.k = 'c' || {digits} || '_0' "
+                f"WHERE e.k = {mark} ORDER BY e.f, c.id")
+        return _gather_files(tx._x(sql, [f"d{dir_ino}"]), {}, key=bytes)
+
     # -- transactions -----------------------------------------------------------------------------
     def _retryable(self, e: BaseException) -> bool:
         if self._pg:

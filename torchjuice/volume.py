@@ -7,9 +7,9 @@ plus an object store. ``format`` writes the settings and registers the name in
 """
 from __future__ import annotations
 
+import array
 import errno
 import io
-import array
 import itertools
 import json
 import os
@@ -208,7 +208,6 @@ def _stat_result(a: Attr) -> os.stat_result:
     return os.stat_result((a.st_mode, a.inode, 0, a.nlink, a.uid, a.gid, a.length,
                            int(a.atime), int(a.mtime), int(a.ctime),
                            a.atime, a.mtime, a.ctime))
-
 
 
 def _attr_sum(raw) -> int:

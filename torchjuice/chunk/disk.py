@@ -110,31 +110,42 @@ def trailer(data) -> bytes:
     return b"".join(segs) + xxhash.xxh3_64_digest(mv) + _FOOTER.pack(_MAGIC, len(segs))
 
 
-def _segment_digests(pieces: list) -> bytes:
-    """The checksums of the segments that ``pieces`` cover, laid end to end from a segment
-    boundary (the last segment may be short: the block's end)."""
-    out = []
-    h = None                        # the segment open across pieces, and its bytes so far
-    filled = 0
-    for p in pieces:
+class _SegmentHasher:
+    """The checksums of the segments that pieces fed in order cover, laid end to end from a
+    segment boundary (the last segment may be short: the block's end). Each piece is hashed as
+    it is fed, right after its read, while its bytes are still in the CPU's cache: hashed after
+    a whole batch's reads, they come back from memory at half the speed."""
+
+    __slots__ = ("out", "h", "filled")
+
+    def __init__(self):
+        self.out: list[bytes] = []
+        self.h = None               # the segment open across pieces, and its bytes so far
+        self.filled = 0
+
+    def feed(self, p) -> None:
         v = memoryview(p)
         n, pos = len(v), 0
-        if h is not None:
-            pos = min(SEGMENT - filled, n)
-            h.update(v[:pos])
-            filled += pos
-            if filled < SEGMENT:
-                continue
-            out.append(h.digest())
-            h = None
+        if self.h is not None:
+            pos = min(SEGMENT - self.filled, n)
+            self.h.update(v[:pos])
+            self.filled += pos
+            if self.filled < SEGMENT:
+                return
+            self.out.append(self.h.digest())
+            self.h = None
+        out, digest = self.out, xxhash.xxh3_64_digest
         while n - pos >= SEGMENT:
-            out.append(xxhash.xxh3_64_digest(v[pos: pos + SEGMENT]))
+            out.append(digest(v[pos: pos + SEGMENT]))
             pos += SEGMENT
         if pos < n:
-            h, filled = xxhash.xxh3_64(v[pos:]), n - pos
-    if h is not None:
-        out.append(h.digest())
-    return b"".join(out)
+            self.h, self.filled = xxhash.xxh3_64(v[pos:]), n - pos
+
+    def digest(self) -> bytes:
+        if self.h is not None:
+            self.out.append(self.h.digest())
+            self.h = None
+        return b"".join(self.out)
 
 
 class DiskCache:
@@ -258,16 +269,24 @@ class DiskCache:
                     k += 1
                 s0, s1 = start // SEGMENT, _segments(end)
                 a, b = s0 * SEGMENT, min(s1 * SEGMENT, bsize)
-                pieces = [os.pread(fd, start - a, a)] if start > a else []
+                hasher = _SegmentHasher()       # each piece hashed right after its read
+                got = 0
+                if start > a:
+                    head = os.pread(fd, start - a, a)
+                    hasher.feed(head)
+                    got += len(head)
                 for i in run:
                     off, n = ranges[i]
-                    out[i] = os.pread(fd, n, off)
-                    pieces.append(out[i])
+                    data = out[i] = os.pread(fd, n, off)
+                    hasher.feed(data)
+                    got += len(data)
                 if b > end:
-                    pieces.append(os.pread(fd, b - end, end))
-                if sum(map(len, pieces)) != b - a:
+                    tail = os.pread(fd, b - end, end)
+                    hasher.feed(tail)
+                    got += len(tail)
+                if got != b - a:
                     self._drop(path, "short read")
-                if _segment_digests(pieces) != sums[s0 * 8: s1 * 8]:
+                if hasher.digest() != sums[s0 * 8: s1 * 8]:
                     self._drop(path, f"checksum mismatch in segments {s0}-{s1 - 1}")
         except CacheMiss:
             self._release(key, entry, forget=True)

@@ -269,21 +269,19 @@ class DiskCache:
                     k += 1
                 s0, s1 = start // SEGMENT, _segments(end)
                 a, b = s0 * SEGMENT, min(s1 * SEGMENT, bsize)
-                hasher = _SegmentHasher()       # each piece hashed right after its read
-                got = 0
+                # the run's files, and the parts of its first and last segments around it
+                pieces = [(i, *ranges[i]) for i in run]
                 if start > a:
-                    head = os.pread(fd, start - a, a)
-                    hasher.feed(head)
-                    got += len(head)
-                for i in run:
-                    off, n = ranges[i]
-                    data = out[i] = os.pread(fd, n, off)
-                    hasher.feed(data)
-                    got += len(data)
+                    pieces.insert(0, (None, a, start - a))
                 if b > end:
-                    tail = os.pread(fd, b - end, end)
-                    hasher.feed(tail)
-                    got += len(tail)
+                    pieces.append((None, end, b - end))
+                hasher, got = _SegmentHasher(), 0
+                for i, off, n in pieces:
+                    data = os.pread(fd, n, off)
+                    hasher.feed(data)               # right after its read (see _SegmentHasher)
+                    got += len(data)
+                    if i is not None:
+                        out[i] = data
                 if got != b - a:
                     self._drop(path, "short read")
                 if hasher.digest() != sums[s0 * 8: s1 * 8]:

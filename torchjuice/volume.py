@@ -215,6 +215,17 @@ def _attr_sum(raw) -> int:
     return -1 if raw is None else xxhash.xxh3_64_intdigest(raw) >> 1
 
 
+def _add_to_run(runs: list, key: str, bsize: int, item: int, rng: tuple[int, int]) -> None:
+    """Add ``item``'s range ``(offset, length)`` of block ``key`` to ``runs``: items that follow
+    one another in a batch and lie in the same block form one run, ``(key, bsize, items,
+    ranges)``, read together (``ChunkStore.read_ranges_bytes``)."""
+    if runs and runs[-1][0] == key:
+        runs[-1][2].append(item)
+        runs[-1][3].append(rng)
+    else:
+        runs.append((key, bsize, [item], [rng]))
+
+
 class Listing:
     """Where the bytes of each regular file under a directory lay when :meth:`Volume.list_tree`
     listed it, for :meth:`Volume.read_listed`: file ``i`` (in path order) has its inode, a digest
@@ -488,19 +499,25 @@ class Volume:
             where = self._in_one_block(*got)
             if where is None:
                 out[i] = self._read_whole_or_again(paths[i], got)
-            elif runs and runs[-1][0] == where[0]:
-                runs[-1][2].append(i)
-                runs[-1][3].append(where[2:])
             else:
-                runs.append((where[0], where[1], [i], [where[2:]]))
+                _add_to_run(runs, where[0], where[1], i, where[2:])
+        for i in self._read_runs(runs, out):            # changed under us: look again, each
+            out[i] = self._read_whole_or_again(paths[i], found[i])
+        return out
+
+    def _read_runs(self, runs: list, out: list) -> list[int]:
+        """Read each run of ``runs`` (see :func:`_add_to_run`) with one cache or store call into
+        ``out``; returns the items of runs whose block is gone (their file changed meanwhile)."""
+        gone: list[int] = []
         for key, bsize, items, ranges in runs:
             try:
                 datas = self.chunks.read_ranges_bytes(key, bsize, ranges)
-            except FileNotFoundError:                  # changed under us: look again, each
-                datas = [self._read_whole_or_again(paths[i], found[i]) for i in items]
+            except FileNotFoundError:
+                gone += items
+                continue
             for i, data in zip(items, datas):
                 out[i] = data
-        return out
+        return gone
 
     def list_tree(self, top: str = "/") -> tuple[list[tuple[str, int]], Listing]:
         """``(path, size)`` of every regular file under directory ``top`` (recursive; symlinks
@@ -590,20 +607,9 @@ class Volume:
             if not sid or not same_dir[L.dir[i]] or now[L.inode[i]] != L.attr[i]:
                 slow.append(k)
                 continue
-            key = cs.key(sid, L.index[i], L.bsize[i])
-            if runs and runs[-1][0] == key:
-                runs[-1][2].append(k)
-                runs[-1][3].append((L.off[i], L.length[i]))
-            else:
-                runs.append((key, L.bsize[i], [k], [(L.off[i], L.length[i])]))
-        for key, bsize, ks, ranges in runs:
-            try:
-                datas = cs.read_ranges_bytes(key, bsize, ranges)
-            except FileNotFoundError:           # compacted since, its old block gone: by path
-                slow += ks
-                continue
-            for k, data in zip(ks, datas):
-                out[k] = data
+            _add_to_run(runs, cs.key(sid, L.index[i], L.bsize[i]), L.bsize[i], k,
+                        (L.off[i], L.length[i]))
+        slow += self._read_runs(runs, out)      # a block gone (compacted since): by path
         if slow:
             slow.sort()
             for k, data in zip(slow, self.read_many([paths[k] for k in slow])):

@@ -813,10 +813,13 @@ class BaseMeta(Meta):
         ``(type, inode, raw attributes, raw slices of chunk 0)`` (the last two read for regular
         files only). Engines may do it in one statement."""
         ents = tx.hmget(_dkey(dir_ino), names)
-        out = {}
-        for n, e in zip(names, ents):
-            if e is not None:
-                out[n] = [*unpack_entry(bytes(e)), None, []]
+        return self._with_file_data(tx, {n: [*unpack_entry(bytes(e)), None, []]
+                                         for n, e in zip(names, ents) if e is not None})
+
+    @staticmethod
+    def _with_file_data(tx, out: dict) -> dict:
+        """``out`` (name -> ``[type, inode, None, []]``) with the raw attributes and chunk 0's
+        raw slices of its regular files filled in, in one batch."""
         files = [f for f in out.values() if f[0] == TYPE_FILE]
         got = tx.batch([op for f in files for op in (("get", _ikey(f[1])),
                                                      ("lrange", _ckey(f[1], 0)))]) if files else []
@@ -1402,10 +1405,10 @@ class BaseMeta(Meta):
         return self.txn(fn, readonly=True)
 
     def _dir_files(self, tx, dir_ino: int) -> dict:
-        """:meth:`_files_in` of every entry of directory ``dir_ino``; engines may do it in one
-        statement."""
-        names = list(tx.hgetall(_dkey(dir_ino)))
-        return self._files_in(tx, dir_ino, names) if names else {}
+        """:meth:`_files_in` of every entry of directory ``dir_ino`` (its entries read once);
+        engines may do it in one statement."""
+        return self._with_file_data(tx, {bytes(n): [*unpack_entry(bytes(e)), None, []]
+                                         for n, e in tx.hgetall(_dkey(dir_ino)).items()})
 
     def raw_attrs(self, inodes: list[int]) -> list[bytes | None]:
         return self.txn(lambda tx: tx.gets([_ikey(i) for i in inodes]), readonly=True)

@@ -487,7 +487,7 @@ def parse_args(argv=None):
     ap.add_argument("--retries", type=int, default=1,
                     help="a run below the floor is run again this many times; the best AU counts")
     ap.add_argument("--no-stop", action="store_true", help="try every N even after a failure")
-    ap.add_argument("--refine", type=int, default=2,
+    ap.add_argument("--refine", type=int, default=3,
                     help="bisection steps between the largest N above the floor and the "
                          "smallest below it, after the doubling (0: none)")
     ap.add_argument("--smoke", action="store_true",
@@ -538,7 +538,8 @@ def main(argv=None) -> None:
         f"({'sleep' if a.device == 'cpu' else 'calibrated CUDA matmul'}); samples at --scale "
         f"{a.scale} of their real size (batch sizes and samples per file are the real ones). "
         f"Each accelerator is a process (forkserver) with a DataLoader ({a.workers} worker(s), "
-        f"prefetch {a.prefetch}) over its 1/N of the files; a barrier ends every step. AU = "
+        f"prefetch {a.prefetch}) over its 1/N of the files; a barrier ends every step; batches "
+        "reach it in shared memory opened by name (torch's 'file_system' sharing strategy). AU = "
         "compute time / wall time with the first step excluded, per accelerator, then averaged "
         "(DLIO). N doubles until the AU falls under the floor, then "
         f"{a.refine} bisection step(s) between the last N above the floor and the first below "

@@ -576,9 +576,18 @@ def _cached_with_a_flipped_byte(c, key: str, data: bytes, at: int) -> str:
     return path
 
 
-def test_diskcache_range_bytes_verify_the_segments_around_the_range(tmp_path):
+# read_ranges_bytes reads a run of small pieces with one pread, bigger ones piece by piece: each
+# test below runs with one way forced, then the other
+ONE_READ = pytest.mark.parametrize("one_read", [0, 1 << 30], ids=["pieces", "one-read"])
+
+
+@ONE_READ
+def test_diskcache_range_bytes_verify_the_segments_around_the_range(tmp_path, monkeypatch,
+                                                                      one_read):
     import random
+    from torchjuice.chunk import disk
     from torchjuice.chunk.disk import SEGMENT, CacheMiss
+    monkeypatch.setattr(disk, "_ONE_READ_PER_PIECE", one_read)
     c = DiskCache(str(tmp_path), "u", 100 * MiB)
     data = data_of(MiB + 77, 14)
     rnd = random.Random(5)
@@ -598,13 +607,16 @@ def test_diskcache_range_bytes_verify_the_segments_around_the_range(tmp_path):
     assert c.corrupt == 2
 
 
-def test_diskcache_ranges_of_packed_files_read_together(tmp_path):
+@ONE_READ
+def test_diskcache_ranges_of_packed_files_read_together(tmp_path, monkeypatch, one_read):
     """Files packed side by side, read by one call (a sequential batch): each range's bytes in
     the order asked, adjacent ranges checked as one run, gaps and repeats each on their own; a
     flipped byte anywhere a run's segments cover -- in a file, between two of them, around them
     -- is a miss, never bytes."""
     import random
+    from torchjuice.chunk import disk
     from torchjuice.chunk.disk import SEGMENT, CacheMiss
+    monkeypatch.setattr(disk, "_ONE_READ_PER_PIECE", one_read)
     c = DiskCache(str(tmp_path), "u", 100 * MiB)
     data = data_of(MiB + 77, 15)
     assert c.put("k/1", data)

@@ -603,6 +603,44 @@ def test_a_batch_over_many_directories_is_one_select(tmp_path):
     m.close()
 
 
+def test_a_big_files_chunks_come_in_order(m):
+    """A file of many chunks, some of them holes: its slice lists come back in chunk order, each
+    chunk's slices in the order written (the chunks are read together, see the next test)."""
+    from torchjuice.meta.interface import CHUNK_SIZE
+    d = m.mkdir(ROOT_INODE, "d")
+    f = m.create(d.inode, "big")
+    wrote = {}
+    for i in (0, 1, 2, 4, 7, 9):                     # chunks 3, 5, 6 and 8: holes
+        wrote[i] = [_slice(m, 100 + i, pos=0), _slice(m, 50, pos=10 * i)]
+        for s in wrote[i]:
+            m.write_chunk(f.inode, i, s)
+    a, chunks = m.resolve_slices("/d/big")
+    assert a.length == 9 * CHUNK_SIZE + 90 + 50 and len(chunks) == 10
+    for i, got in enumerate(chunks):
+        assert [(s.id, s.pos, s.len) for s in got] == \
+            [(s.id, s.pos, s.len) for s in wrote.get(i, [])], i
+
+
+def test_a_big_files_chunks_are_one_select(tmp_path):
+    """SQLite: the chunks of a big file after the first are read by one SELECT (chunk 0 comes with
+    the walk), not one each (a 1.5 GB model has 25)."""
+    sql = new_meta(f"sqlite3://{tmp_path}/one.db")
+    sql.init(FMT)
+    g = sql.create(ROOT_INODE, "big")
+    for i in range(10):
+        sql.write_chunk(g.inode, i, _slice(sql, 10))
+    statements: list[str] = []
+    sql._conn().set_trace_callback(statements.append)
+    try:
+        a, chunks = sql.resolve_slices("/big")
+    finally:
+        sql._conn().set_trace_callback(None)
+    assert len(chunks) == 10 and all(len(c) == 1 for c in chunks)
+    reads = [q for q in statements if q.lstrip().upper().startswith(("SELECT", "WITH"))]
+    assert len(reads) == 2, reads
+    sql.close()
+
+
 def test_a_batch_over_many_directories_is_one_round_trip_on_redis(request, tmp_path):
     """Redis: the files of a batch spread over many directories are walked and read by one
     script call, one round trip."""

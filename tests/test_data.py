@@ -169,6 +169,14 @@ def test_listed_dataset_reads_without_path_lookups_and_sees_changes(vol):
     loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=list,
                         multiprocessing_context="spawn")
     assert [x for b in loader for x in b] == expect
+    # a batch with URLs or a transform; a file removed since the listing: read by its path
+    wu = JuiceDataset(f"juice://{VOL}/ls", with_url=True)
+    assert wu.__getitems__([0, 5]) == [(f"juice://{VOL}/ls/x/000", files["/ls/x/000"]),
+                                      (f"juice://{VOL}/ls/x/005", b"changed")]
+    assert JuiceDataset(f"juice://{VOL}/ls", transform=len).__getitems__([1, 5, 2]) == [101, 7, 102]
+    vol.remove("/ls/x/007")
+    with pytest.raises(FileNotFoundError, match="/ls/x/007"):
+        ds.__getitems__([6, 7])
 
 
 def test_manifest_roundtrip_local_and_juice(vol, tmp_path):

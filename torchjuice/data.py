@@ -326,6 +326,22 @@ class UrlIndex(Sequence):
 
 
 # -- map-style ---------------------------------------------------------------------------------------
+class _ListedPaths(Sequence):
+    """The volume paths of a batch's files, made only for those that ``read_listed`` reads by path
+    (most of a listed directory's files are read without theirs)."""
+
+    def __init__(self, urls: UrlIndex, indices: list[int], cut: int):
+        self.urls, self.indices, self.cut = urls, indices, cut
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        return self.urls[self.indices[k]][self.cut:]
+
+
 class _Readahead:
     """JuiceDataset's readahead, per process. A DataLoader with a sequential sampler hands each
     worker batches at a fixed stride (worker ``w`` of ``W`` gets batches ``w, w+W, ...``); a
@@ -497,13 +513,16 @@ class JuiceDataset(Dataset):
 
     def _read_group(self, indices: list[int]) -> list:
         """Items ``indices``, their files read with one metadata transaction."""
-        urls = [self.urls[i] for i in indices]
         if self._listing is None:
+            urls = [self.urls[i] for i in indices]
             datas = self._vols.read_many(urls)
         else:                               # no path lookups while the files are as listed
             name, listing = self._listing
-            cut = len("juice://") + len(name)
-            datas = self._vols.get(name).read_listed(listing, indices, [u[cut:] for u in urls])
+            paths = _ListedPaths(self.urls, indices, len("juice://") + len(name))
+            datas = self._vols.get(name).read_listed(listing, indices, paths)
+            if self.transform is None and not self.with_url:
+                return datas
+            urls = [self.urls[i] for i in indices]
         return [self._item(u, d) for u, d in zip(urls, datas)]
 
     def __getitem__(self, i: int):

@@ -602,13 +602,16 @@ class Volume:
         out: list = [None] * len(indices)
         runs: list[tuple[str, int, list[int], list[tuple[int, int]]]] = []   # one block's files
         slow: list[int] = []
+        block = key = None
         for k, i in enumerate(indices):
             sid = L.sid[i]
             if not sid or not same_dir[L.dir[i]] or now[L.inode[i]] != L.attr[i]:
                 slow.append(k)
                 continue
-            _add_to_run(runs, cs.key(sid, L.index[i], L.bsize[i]), L.bsize[i], k,
-                        (L.off[i], L.length[i]))
+            if (sid, L.index[i]) != block:      # files side by side share their block's key
+                block = sid, L.index[i]
+                key = cs.key(sid, L.index[i], L.bsize[i])
+            _add_to_run(runs, key, L.bsize[i], k, (L.off[i], L.length[i]))
         slow += self._read_runs(runs, out)      # a block gone (compacted since): by path
         if slow:
             slow.sort()

@@ -274,13 +274,10 @@ class DiskCache:
                     k += 1
                 s0, s1 = start // SEGMENT, _segments(end)
                 a, b = s0 * SEGMENT, min(s1 * SEGMENT, bsize)
-                # the run's files, and the parts of its first and last segments around it
-                pieces = [(i, *ranges[i]) for i in run]
-                if start > a:
-                    pieces.insert(0, (None, a, start - a))
-                if b > end:
-                    pieces.append((None, end, b - end))
-                if b - a <= _ONE_READ_PER_PIECE * len(pieces):
+                # the reads it would take piece by piece: its files, and the parts of its first
+                # and last segments around it
+                npieces = len(run) + (start > a) + (b > end)
+                if b - a <= _ONE_READ_PER_PIECE * npieces:
                     # files of a few KiB (side by side, or one alone in a shuffled batch): one
                     # read, the segments hashed from it, each file's bytes copied out
                     span = os.pread(fd, b - a, a)
@@ -292,6 +289,11 @@ class DiskCache:
                         off, n = ranges[i]
                         out[i] = span[off - a: off - a + n]
                 else:
+                    pieces = [(i, *ranges[i]) for i in run]
+                    if start > a:
+                        pieces.insert(0, (None, a, start - a))
+                    if b > end:
+                        pieces.append((None, end, b - end))
                     hasher, got = _SegmentHasher(), 0
                     for i, off, n in pieces:
                         data = os.pread(fd, n, off)

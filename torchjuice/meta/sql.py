@@ -144,17 +144,21 @@ class _SQLTx(KVTx):
         r = self._x(self._q["get"], (k,)).fetchone()
         return None if r is None else r[0]
 
+    def _rows_in(self, head: str, keys, tail: str = "", before: tuple = ()):
+        """The rows of ``head`` (ending with the column compared) matching any of ``keys``, then
+        ``tail``: one ``= ANY(%s)`` statement on PostgreSQL, an ``IN (?, ...)`` one per
+        ``_IN_BATCH`` keys on SQLite. ``before``: the parameters of ``head``."""
+        if self._pg:
+            yield from self._x(f"{head} = ANY(%s){tail}", (*before, list(keys)))
+            return
+        for i in range(0, len(keys), _IN_BATCH):
+            part = list(keys[i:i + _IN_BATCH])
+            yield from self._x(f"{head} IN ({','.join('?' * len(part))}){tail}", [*before, *part])
+
     def gets(self, keys):
         if not keys:
             return []
-        found = {}
-        if self._pg:
-            found.update(self._x("SELECT k, v FROM kv WHERE k = ANY(%s)", (list(keys),)))
-        else:
-            for i in range(0, len(keys), _IN_BATCH):
-                part = keys[i:i + _IN_BATCH]
-                marks = ",".join("?" * len(part))
-                found.update(self._x(f"SELECT k, v FROM kv WHERE k IN ({marks})", part))
+        found = dict(self._rows_in("SELECT k, v FROM kv WHERE k", keys))
         return [found.get(k) for k in keys]
 
     def set(self, k, v):
@@ -192,16 +196,9 @@ class _SQLTx(KVTx):
     def hmget(self, k, fields):
         if not fields:
             return []
-        found = {}
-        if self._pg:
-            found.update(self._x("SELECT f, v FROM hkv WHERE k = %s AND f = ANY(%s)",
-                                 (k, list(fields))))
-        else:
-            for i in range(0, len(fields), _IN_BATCH):
-                part = list(fields[i:i + _IN_BATCH])
-                marks = ",".join("?" * len(part))
-                found.update(self._x(f"SELECT f, v FROM hkv WHERE k = ? AND f IN ({marks})",
-                                     [k] + part))
+        mark = "%s" if self._pg else "?"
+        found = dict(self._rows_in(f"SELECT f, v FROM hkv WHERE k = {mark} AND f", fields,
+                                   before=(k,)))
         return [found.get(f) for f in fields]
 
     def hset(self, k, f, v):
@@ -224,18 +221,10 @@ class _SQLTx(KVTx):
         return [r[0] for r in self._x(self._q["lrange"], (k,))]
 
     def _lranges(self, keys: list) -> dict:
-        """``lrange`` of each key, in one SELECT per ``_IN_BATCH`` keys."""
+        """``lrange`` of each key, in one SELECT (per ``_IN_BATCH`` keys on SQLite)."""
         out: dict = {k: [] for k in keys}
-        keys = list(out)
-        if self._pg:
-            parts = [self._x("SELECT k, v FROM lkv WHERE k = ANY(%s) ORDER BY k, id", (keys,))]
-        else:
-            parts = (self._x(f"SELECT k, v FROM lkv WHERE k IN ({','.join('?' * len(part))}) "
-                             "ORDER BY k, id", part)
-                     for part in (keys[i:i + _IN_BATCH] for i in range(0, len(keys), _IN_BATCH)))
-        for rows in parts:
-            for k, v in rows:
-                out[k].append(v)
+        for k, v in self._rows_in("SELECT k, v FROM lkv WHERE k", list(out), " ORDER BY k, id"):
+            out[k].append(v)
         return out
 
     def batch(self, ops):

@@ -639,6 +639,41 @@ def test_mmap_mapping_outlives_the_file_and_goes_with_the_tensors(vol, tmp_path)
         assert f"{tmp_path}/data/" not in f.read()
 
 
+def mapping_flags(ptr: int) -> tuple[str, list[str]]:
+    """The file and VmFlags of the mapping that holds address ``ptr`` (/proc/self/smaps)."""
+    path, hit = None, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=5)
+            if "-" in head[0] and len(head) >= 5 and head[0][0] in "0123456789abcdef":
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                hit = lo <= ptr < hi
+                path = head[5].strip() if len(head) > 5 else None
+            elif hit and line.startswith("VmFlags:"):
+                return path, line.split()[1:]
+    raise AssertionError(f"no mapping holds {ptr:#x}")
+
+
+@needs_linux
+def test_mmap_block_mappings_ask_for_huge_pages(tmp_path):
+    """A block mapping of 2 MiB or more is marked MADV_HUGEPAGE ('hg'): pages the load faults in
+    come into the page cache as 2 MiB folios, so this load and every later one maps them 2 MiB
+    a fault, not 4-64 KiB (safetensors' own mmap gets small folios that way)."""
+    tj.format(f"sqlite3://{tmp_path}/meta.db", "hp", storage=f"file://{tmp_path}/data")
+    with tj.connect("hp") as vol:
+        assert vol.chunks.block_size >= 4 << 20
+        tensors = {"w": torch.randn(3 << 20), "b": torch.randn(1000)}      # 12 MiB, 4 KB
+        raw = st.save(tensors)
+        url = put(vol, "/m.safetensors", raw)
+        got = tj.load_safetensors(url)
+        assert_same(got, st_load(raw))
+        w = got["w"]
+        for off in (w.numel() * 4 // 6, w.numel() * 4 // 2):
+            path, flags = mapping_flags(w.data_ptr() + off)
+            assert path is not None and path.startswith(f"{tmp_path}/data/"), path
+            assert "hg" in flags, (path, flags)
+
+
 @needs_linux
 @pytest.mark.parametrize("damage", ["short", "gone"])
 def test_mmap_short_or_missing_store_object_is_an_error_not_a_crash(vol, tmp_path, damage):

@@ -12,8 +12,18 @@ multi-threaded ``os.preadv`` into a buffer allocated before the clock starts, an
 streamer; the same bytes on a volume with a ``file://`` store read by ``tj.load_safetensors`` (its
 blocks memory-mapped in place, and, for comparison, copied with ``mmap=False``); and on an S3
 volume whose local disk cache was warmed (``Volume.warmup``; cached blocks are mapped, then
-checksummed through the mapping). Right before each warm run, the files it reads are read once
-more (this VM's kernel reclaims page cache left unused for a while, even with memory free).
+checksummed through the mapping).
+
+What "warm" means is controlled: right before each warm run, the files it reads are dropped from
+the page cache (``POSIX_FADV_DONTNEED``) and the same method runs once, untimed, in a fresh process
+-- so the timed run finds them as that loader's previous load (a server's last start) left them.
+The shape matters: a file's pages may sit in 2 MiB folios, mapped with one fault each, or in small
+ones, mapped 4-64 KiB a fault. safetensors' plain ``mmap`` fault-in leaves mostly small folios;
+``tj.load_safetensors`` asks for huge pages on its block mappings (``MADV_HUGEPAGE``), so its
+fault-in leaves 2 MiB folios. Two more rows fill the page cache by ``read()`` instead (after the
+same eviction): readahead over one big file ramps up to 2 MiB folios, over a volume's 4 MiB block
+files it does not. (The pages are put back right before each run either way: this VM's kernel
+reclaims page cache left unused for a while, even with memory free.)
 
 Cold (the S3 server -- moto, its own process, loopback): ``tj.load_safetensors`` from an S3 volume
 with no disk cache, beside raw parallel GETs of the same blocks (``get_into`` in a
@@ -118,6 +128,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def pmd_mapped_mib() -> float:
+    """How much file data this process maps with 2 MiB entries (page-cache folios of that size,
+    one fault each), from /proc/self/smaps_rollup."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("FilePmdMapped:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def touch(t) -> None:
     """Read one byte of every page of ``t`` (materialise an mmap-backed tensor)."""
     import torch
@@ -166,7 +189,7 @@ def child(args: dict) -> dict:
     if method == "noop":
         import safetensors.torch  # noqa: F401
         import torchjuice  # noqa: F401
-        return {"seconds": 0.0, "maxrss_mib": peak_rss_mib()}
+        return {"seconds": 0.0, "maxrss_mib": peak_rss_mib(), "minflt": 0, "pmd_mib": 0.0}
     if method.startswith("preadv"):
         size = os.path.getsize(args["path"])
         buf = torch.empty(size, dtype=torch.uint8)
@@ -192,6 +215,7 @@ def child(args: dict) -> dict:
     # a garbage collection the imports left due must not land inside one method's window (a
     # generation-2 pass over torch's objects takes ~50 ms here): collect first, for every method
     gc.collect()
+    flt0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     if method.startswith("preadv"):
         from torchjuice.models import _byte_view
@@ -244,6 +268,8 @@ def child(args: dict) -> dict:
             touch(t)
     out["seconds"] = time.perf_counter() - t0
     out["maxrss_mib"] = peak_rss_mib()
+    out["minflt"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt0
+    out["pmd_mib"] = pmd_mapped_mib()
     if tensors is not None:
         out["sums"] = {k: byte_sum(v) for k, v in tensors.items()}
     elif buf is not None:
@@ -286,7 +312,7 @@ def main() -> None:
     from torchjuice.cli.main import parse_size
     from torchjuice.models import LOCAL_THREADS, THREADS
     from torchjuice.testing import S3Server, ServerUnavailable
-    from .common import fmt_table, machine, rewarm, write_results
+    from .common import evict, fmt_table, machine, rewarm, write_results
 
     import signal
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))     # stop the S3 server, remove files
@@ -324,12 +350,17 @@ def main() -> None:
             "tj_warm_copy": ({"method": "tj", "url": "juice://warm/model.safetensors", "volume": "warm",
                               "mmap": False}, {}),
         }
+        runs["st_mmap_read"] = runs["st_mmap"]
+        runs["tj_warm_read"] = runs["tj_warm"]
         if not a.no_runai:
             runs["runai_warm"] = ({"method": "runai", "url": local}, {})
-        # what each warm run reads, put back in the page cache right before it
-        warm_files = {k: [local] for k in ("st_mmap", "st_clone", "preadv", "preadv_touched",
-                                           "runai_warm")}
-        warm_files["tj_warm"] = warm_files["tj_warm_copy"] = [f"{work}/warmstore", f"{work}/warm.db"]
+        # what each warm run reads: evicted, then put back in the page cache right before it --
+        # by a run of the same method, or (the keys in read_fill) by read()
+        warm_files = {k: [local] for k in ("st_mmap", "st_mmap_read", "st_clone", "preadv",
+                                           "preadv_touched", "runai_warm")}
+        for k in ("tj_warm", "tj_warm_read", "tj_warm_copy"):
+            warm_files[k] = [f"{work}/warmstore", f"{work}/warm.db"]
+        read_fill = {"st_mmap_read", "tj_warm_read"}
         if not a.no_s3:
             try:
                 s3 = S3Server()
@@ -376,8 +407,13 @@ def main() -> None:
                 if key in errors:
                     continue
                 args = {**args, "threads": a.threads}
-                rewarm(warm_files.get(key, []))
                 try:
+                    if key in warm_files:
+                        evict(warm_files[key])
+                        if key in read_fill:
+                            rewarm(warm_files[key])
+                        else:
+                            run_child(args, {**env, **extra})
                     res = run_child(args, {**env, **extra})
                 except RuntimeError as e:
                     errors[key] = str(e).strip().splitlines()[-1][:300]
@@ -390,7 +426,8 @@ def main() -> None:
                 results.setdefault(key, []).append(res)
                 mapped = f", {res['mapped_share']:.0%} mapped" if "mapped_share" in res else ""
                 print(f"[{r + 1}/{a.repeat}] {key}: {res['seconds']:.3f}s "
-                      f"rss {res['maxrss_mib']:.0f} MiB{mapped}", flush=True)
+                      f"rss {res['maxrss_mib']:.0f} MiB{mapped}, {res['minflt']} faults, "
+                      f"{res['pmd_mib']:.0f} MiB in 2 MiB mappings", flush=True)
     finally:
         if s3 is not None:
             s3.stop()
@@ -402,30 +439,34 @@ def main() -> None:
 
     labels = {
         "st_mmap": "safetensors.torch.load_file, local file (mmap, pages touched)",
+        "st_mmap_read": "safetensors.torch.load_file, file put in the page cache by read()",
         "st_clone": "safetensors.torch.load_file + clone (private copy)",
         "preadv": f"raw os.preadv, {a.threads or LOCAL_THREADS} threads, buffer allocated before the clock",
         "preadv_touched": "raw os.preadv into a pre-faulted buffer (memcpy ceiling)",
         "runai_warm": "runai-model-streamer, local file",
         "tj_warm": "tj.load_safetensors, file:// volume (blocks mapped)",
+        "tj_warm_read": "tj.load_safetensors, file:// volume, blocks put in the page cache by read()",
         "tj_warm_copy": "tj.load_safetensors(mmap=False), file:// volume (copied)",
         "tj_s3_disk_cache": "tj.load_safetensors, S3 volume, warm disk cache (mapped, verified)",
         "raw_s3": f"raw parallel GETs of the same blocks, {a.threads or THREADS} threads",
         "tj_s3": "tj.load_safetensors, S3 volume, no disk cache",
         "runai_s3": "runai-model-streamer, s3:// (one object)",
     }
-    ratios = {"tj_warm": [("st_mmap", 1.0), ("st_clone", None), ("preadv", 0.95),
-                          ("runai_warm", None)],
+    ratios = {"tj_warm": [("st_mmap", 1.0), ("st_mmap_read", None), ("st_clone", None),
+                          ("preadv", 0.95), ("runai_warm", None)],
+              "tj_warm_read": [("st_mmap_read", None), ("st_mmap", None)],
               "tj_warm_copy": [("st_clone", None), ("preadv", None)],
               "tj_s3_disk_cache": [("st_mmap", None), ("preadv", None)],
               "tj_s3": [("raw_s3", 0.9), ("runai_s3", 1.0)]}
     rss0 = med("noop", "maxrss_mib") or 0
     rows, out_rows = [], []
-    for scen, keys in (("warm", ["st_mmap", "st_clone", "preadv", "preadv_touched", "runai_warm",
-                                 "tj_warm", "tj_warm_copy", "tj_s3_disk_cache"]),
+    for scen, keys in (("warm", ["st_mmap", "st_mmap_read", "st_clone", "preadv",
+                                 "preadv_touched", "runai_warm", "tj_warm", "tj_warm_read",
+                                 "tj_warm_copy", "tj_s3_disk_cache"]),
                        ("cold", ["raw_s3", "runai_s3", "tj_s3"])):
         for key in keys:
             if key in errors:
-                rows.append([scen, labels[key], "failed", "", "", "", errors[key][:60]])
+                rows.append([scen, labels[key], "failed", "", "", "", "", "", errors[key][:60]])
                 out_rows.append({"scenario": scen, "method": key, "label": labels[key],
                                  "error": errors[key]})
                 continue
@@ -441,19 +482,22 @@ def main() -> None:
                     vs.append(f"{b / s:.2f}x {base}" + (f" (target {target:.2f}x)" if target else ""))
             rows.append([scen, labels[key], f"{s:.3f}", f"{nbytes / s / GiB:.2f}",
                          "-" if ttft is None else f"{ttft * 1000:.0f}",
-                         f"{rss:.0f} (+{rss - rss0:.0f})", "; ".join(vs)])
+                         f"{rss:.0f} (+{rss - rss0:.0f})", f"{med(key, 'minflt'):.0f}",
+                         f"{med(key, 'pmd_mib') * MiB / nbytes:.0%}", "; ".join(vs)])
             out_rows.append({"scenario": scen, "method": key, "label": labels[key], "seconds": s,
                              "GiBps": nbytes / s / GiB, "ttft_s": ttft, "maxrss_mib": rss,
                              "runs": results[key]})
     table = fmt_table(["", "method", "seconds", "GiB/s", "first tensor ms", "peak RSS MiB",
-                       "tj vs baseline"], rows)
+                       "faults", "2M-mapped", "tj vs baseline"], rows)
     print(table)
     if not a.no_save:
         notes = (f"Model: {len(sums)} tensors, {nbytes / GiB:.2f} GiB (bf16/f16/f32/i8/i64). "
                  f"Median of {a.repeat} runs, each in a fresh process; methods interleaved. "
                  f"Peak RSS is the VmHWM of that process (ru_maxrss would carry the parent's peak over fork+exec); (+N) is above the {rss0:.0f} MiB of a "
                  "process that only imports torch, safetensors and torchjuice. "
-                 "'x baseline' is baseline seconds / tj seconds (higher is better for tj).\n\n"
+                 "'x baseline' is baseline seconds / tj seconds (higher is better for tj). "
+                 "faults: the minor page faults of the timed window; 2M-mapped: the share of the "
+                 "model's bytes the process maps with 2 MiB entries at the end.\n\n"
                  + __doc__.split("\n\n", 3)[3])
         if "runai_s3" in errors:
             notes += ("\n\nrunai-model-streamer on S3 failed here: it reads the file as one object "

@@ -94,16 +94,30 @@ class LocalFiles:
             return f.read()
 
 
+def _files(paths) -> list[str]:
+    return [p for top in paths for p in ([top] if os.path.isfile(top) else [
+        os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs])]
+
+
+def evict(paths) -> None:
+    """Drop every file under ``paths`` from the page cache (written back first: the kernel drops
+    only clean pages), so that whatever reads them next brings them in its own way."""
+    for path in _files(paths):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def rewarm(paths) -> None:
     """Read every file under ``paths`` (files or directories) once, so that a warm run finds them
     in the page cache. Done right before each warm run: this VM reclaims page cache it sees unused
     for a while (DAMON), even with most of its memory free, so a file written or read minutes
     earlier may be partly back on disk."""
     buf = bytearray(8 << 20)
-    for top in paths:
-        files = [top] if os.path.isfile(top) else [
-            os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
-        for path in files:
-            with open(path, "rb", buffering=0) as f:
-                while f.readinto(buf):
-                    pass
+    for path in _files(paths):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass

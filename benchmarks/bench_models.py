@@ -3,6 +3,7 @@ runai-model-streamer, side by side in one run.
 
     python -m benchmarks.bench_models                    # a 1.5 GiB Llama-like model
     python -m benchmarks.bench_models --size 128M --repeat 1 --no-save      # quick
+    python -m benchmarks.bench_models --size 64M --name models-64M   # runai reads moto at this size
 
 The model: embeddings, N decoder layers (q/k/v/o and gate/up/down in bf16, f16 q/k/v biases, f32
 norms), an int8 lm_head with f32 scales, an i64 buffer -- sized to --size.
@@ -302,6 +303,8 @@ def main() -> None:
     ap.add_argument("--no-s3", action="store_true", help="skip the S3 (cold) part")
     ap.add_argument("--no-runai", action="store_true")
     ap.add_argument("--no-save", action="store_true", help="print only; do not write results/")
+    ap.add_argument("--name", default="models",
+                    help="results file name, results/NAME.md and .json (default: models)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -506,7 +509,7 @@ def main() -> None:
                       "shut down due to failure to meet throughput minimum'; RUNAI_STREAMER_S3_TIMEOUT "
                       "does not change it). It works against moto for small models (a 64 MiB run: "
                       "1.8 s, 4.4x slower than tj.load_safetensors). Its local-file row stands.")
-        print("wrote", write_results("models", out_rows, table, notes))
+        print("wrote", write_results(a.name, out_rows, table, notes))
 
 
 if __name__ == "__main__":

@@ -514,6 +514,63 @@ def test_warmup_fills_the_cache(setup):
     assert vol.metrics()["get_count"] == before
 
 
+def resident_share(path: str) -> float:
+    """The share of a file's pages in the page cache (mincore over a mapping of it)."""
+    import ctypes
+    import mmap
+    n = os.path.getsize(path)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), n, access=mmap.ACCESS_COPY)
+    lib = ctypes.CDLL(None, use_errno=True)
+    pages = (n + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    addr = ctypes.c_char.from_buffer(m)
+    try:
+        assert lib.mincore(ctypes.c_void_p(ctypes.addressof(addr)), ctypes.c_size_t(n), vec) == 0
+    finally:
+        del addr
+        m.close()
+    return sum(v & 1 for v in vec) / pages
+
+
+def evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    os.fdatasync(fd)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page cache control is Linux's")
+def test_warmup_of_a_file_store_pages_its_blocks_in(tmp_path):
+    """No disk cache: a file:// store's own objects are the local blocks; warmup brings them into
+    the page cache (for a model server's mapped load) instead of refusing."""
+    import glob
+    tj.format(f"sqlite3://{tmp_path}/m.db", "fwarm", storage=f"file://{tmp_path}/data")
+    with tj.connect("fwarm", cache_size=0) as vol:
+        vol.write_bytes("/w.bin", data_of(9 * MiB, 12))
+        blocks = glob.glob(f"{tmp_path}/data/**/chunks/**/*_*_*", recursive=True)
+        assert len(blocks) == 3
+        for b in blocks:
+            evict(b)
+        if max(resident_share(b) for b in blocks) > 0.5:
+            pytest.skip("this file system keeps evicted pages (tmpfs?)")
+        s = vol.warmup("/w.bin")
+        assert s["blocks"] == 3 and s["downloaded_blocks"] == 0
+        assert all(resident_share(b) == 1.0 for b in blocks)
+        assert vol.read_bytes("/w.bin") == data_of(9 * MiB, 12)
+    from torchjuice._pages import page_in
+    assert not page_in(f"{tmp_path}/gone", 4096)
+    assert not page_in(blocks[0], os.path.getsize(blocks[0]) + 1)      # never past the end
+
+
+def test_warmup_without_anything_local_is_an_error(tmp_path):
+    tj.format(f"sqlite3://{tmp_path}/m.db", "mwarm", storage=f"mem://{os.urandom(4).hex()}")
+    with tj.connect("mwarm", cache_size=0) as vol:
+        vol.write_bytes("/w.bin", b"x" * 100)
+        with pytest.raises(ValueError, match="disk cache"):
+            vol.warmup("/w.bin")
+
+
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "torchjuice.cli", *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})})

@@ -47,6 +47,7 @@ from typing import Iterator
 
 import torch
 
+from . import _pages
 from .volume import Volume, split_url, volume_for
 
 __all__ = ["load_safetensors", "safe_open", "save_safetensors", "iter_safetensors"]
@@ -498,22 +499,9 @@ def _region(f: _File, start: int, end: int, pool: ThreadPoolExecutor | None,
 # ~25,000 faults; a file already cached keeps the folios it has.
 _MMAP_OK = sys.platform.startswith("linux") and sys.byteorder == "little"
 _PAGE = mmap.PAGESIZE
-_MAP_FIXED = 0x10
-_HUGE = 2 << 20                          # a PMD: the largest page a file mapping gets (x86-64, arm64 4K)
-_MADV_HUGEPAGE = 14
-_libc = None
-
-
-def _c():
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(None, use_errno=True)            # ctypes calls release the GIL
-        lib.mmap.restype = ctypes.c_void_p
-        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                             ctypes.c_int, ctypes.c_long]
-        lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _libc = lib
-    return _libc
+_MAP_FIXED = _pages.MAP_FIXED
+_HUGE = _pages.HUGE
+_c = _pages.libc
 
 
 def _map_file(addr: int, length: int, path: str, local_off: int, need: int) -> bool:
@@ -529,7 +517,7 @@ def _map_file(addr: int, length: int, path: str, local_off: int, need: int) -> b
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         if _c().mmap(addr, length, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, local_off) == addr:
             if length >= _HUGE:
-                _libc.madvise(addr, length, _MADV_HUGEPAGE)
+                _c().madvise(addr, length, _pages.MADV_HUGEPAGE)
             return True
     finally:
         os.close(fd)

@@ -76,16 +76,14 @@ def cmd_warmup(a) -> int:
         by_volume.setdefault(name, []).append(path)
     for name, paths in by_volume.items():
         vol = mounted.get(name) or _volume.volume_for(name)
-        if vol.cache_dir is None:
-            raise ValueError(f"volume {name!r} has no disk cache to warm: set TORCHJUICE_CACHE_DIR "
-                             "(file:// and mem:// stores are not cached by default)")
         with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=f"warmup {name}",
                   disable=a.quiet) as bar:
             s = vol.warmup(paths, progress=bar)
         rate = s["downloaded_bytes"] / s["seconds"] if s["seconds"] else 0
         print(f"warmup {name}: {s['blocks']} blocks ({human(s['bytes'])}), downloaded "
               f"{s['downloaded_blocks']} ({human(s['downloaded_bytes'])}) in {s['seconds']:.2f}s "
-              f"({human(rate)}/s); cache {vol.cache_dir}", file=sys.stderr)
+              f"({human(rate)}/s); " + (f"cache {vol.cache_dir}" if vol.cache_dir else
+                                         "no disk cache: the store's own files"), file=sys.stderr)
     return 0
 
 
@@ -180,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_cp)
 
-    w = sub.add_parser("warmup", help="fill the local disk cache with the blocks of files/dirs")
+    w = sub.add_parser("warmup", help="fill the local disk cache (and the page cache) with the "
+                                      "blocks of files/dirs")
     w.add_argument("paths", nargs="+", metavar="juice://VOL/path|MOUNTED_PATH")
     w.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_warmup)

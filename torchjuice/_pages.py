@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 
 MAP_FIXED = 0x10
@@ -33,7 +34,6 @@ def page_in(path: str, length: int) -> bool:
     pages not cached yet come in as 2 MiB folios, which a later mapping of the file (see
     ``torchjuice.models``) maps one fault per 2 MiB; pages already cached stay as they are. The
     file is mapped, advised and populated, then unmapped. False if the file is gone or short."""
-    import mmap
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -62,6 +62,5 @@ def page_in(path: str, length: int) -> bool:
 
 def _touch(addr: int, length: int) -> None:
     """Fault in every page of a mapping by reading a byte of each (with the GIL held)."""
-    page = 4096
-    for off in range(0, length, page):
+    for off in range(0, length, mmap.PAGESIZE):
         ctypes.c_char.from_address(addr + off).value

@@ -499,9 +499,6 @@ def _region(f: _File, start: int, end: int, pool: ThreadPoolExecutor | None,
 # ~25,000 faults; a file already cached keeps the folios it has.
 _MMAP_OK = sys.platform.startswith("linux") and sys.byteorder == "little"
 _PAGE = mmap.PAGESIZE
-_MAP_FIXED = _pages.MAP_FIXED
-_HUGE = _pages.HUGE
-_c = _pages.libc
 
 
 def _map_file(addr: int, length: int, path: str, local_off: int, need: int) -> bool:
@@ -515,9 +512,10 @@ def _map_file(addr: int, length: int, path: str, local_off: int, need: int) -> b
         if os.fstat(fd).st_size < need:           # a page past the end would be SIGBUS
             return False
         prot = mmap.PROT_READ | mmap.PROT_WRITE
-        if _c().mmap(addr, length, prot, mmap.MAP_PRIVATE | _MAP_FIXED, fd, local_off) == addr:
-            if length >= _HUGE:
-                _c().madvise(addr, length, _pages.MADV_HUGEPAGE)
+        lib = _pages.libc()
+        if lib.mmap(addr, length, prot, mmap.MAP_PRIVATE | _pages.MAP_FIXED, fd, local_off) == addr:
+            if length >= _pages.HUGE:
+                lib.madvise(addr, length, _pages.MADV_HUGEPAGE)
             return True
     finally:
         os.close(fd)
@@ -536,8 +534,8 @@ def _cpus() -> int:
 def _anonymous(addr: int, length: int) -> None:
     """Private anonymous memory at ``addr`` in place of what is mapped there."""
     prot = mmap.PROT_READ | mmap.PROT_WRITE
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
-    if _c().mmap(addr, length, prot, flags, -1, 0) != addr:
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _pages.MAP_FIXED
+    if _pages.libc().mmap(addr, length, prot, flags, -1, 0) != addr:
         e = ctypes.get_errno()
         raise OSError(e, f"mmap: cannot restore memory after a file mapping: {os.strerror(e)}")
 
@@ -562,12 +560,12 @@ def _mapped_region(f: _File, start: int, end: int, pool) -> _Region | None:
     # Place the file offsets where the local files' huge-page-sized folios can be mapped whole
     # (one fault per 2 MiB, as the kernel places an ordinary file mapping): the block starts,
     # file offset minus local offset, on multiples of 2 MiB.
-    holder = mmap.mmap(-1, end - base + _HUGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    holder = mmap.mmap(-1, end - base + _pages.HUGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(holder, dtype=torch.uint8)      # keeps `holder` (and so the maps)
     del holder
     blk = next((p[0] - p[3] for p in local
                 if p[2] is not None and (p[0] - p[3]) % _PAGE == 0), base)
-    lead = -(whole.data_ptr() - base + blk) % _HUGE
+    lead = -(whole.data_ptr() - base + blk) % _pages.HUGE
     addr = whole.data_ptr() + lead                # file offset `base` is here
     buf = whole[lead + start - base:lead + end - base]
     view = _byte_view(buf)

@@ -514,16 +514,14 @@ class JuiceDataset(Dataset):
     def _read_group(self, indices: list[int]) -> list:
         """Items ``indices``, their files read with one metadata transaction."""
         if self._listing is None:
-            urls = [self.urls[i] for i in indices]
-            datas = self._vols.read_many(urls)
+            datas = self._vols.read_many([self.urls[i] for i in indices])
         else:                               # no path lookups while the files are as listed
             name, listing = self._listing
             paths = _ListedPaths(self.urls, indices, len("juice://") + len(name))
             datas = self._vols.get(name).read_listed(listing, indices, paths)
-            if self.transform is None and not self.with_url:
-                return datas
-            urls = [self.urls[i] for i in indices]
-        return [self._item(u, d) for u, d in zip(urls, datas)]
+        if self.transform is None and not self.with_url:
+            return datas
+        return [self._item(self.urls[i], d) for i, d in zip(indices, datas)]
 
     def __getitem__(self, i: int):
         i = int(i)

@@ -739,13 +739,14 @@ class ChunkStore:
         asking for huge pages (:func:`torchjuice._pages.page_in`): what was not in the page cache
         comes in as 2 MiB folios, which a model load that maps the blocks maps one fault per
         2 MiB."""
-        direct = self.compressor.name == "none" and hasattr(self.store, "local_path")
-        if self.cache is None and not direct:
+        if not self.has_local_blocks():
             raise ValueError("warmup needs a disk cache: connect with cache_dir= or set "
                              "TORCHJUICE_CACHE_DIR (only a file:// store of uncompressed blocks "
                              "is local without one)")
         pool = self._pool("down")
         linux = sys.platform.startswith("linux")
+        # the file a model load maps (local_blocks' first choice), by name: not checked here
+        direct = self._objects_are_local_blocks()
 
         def one(kb):
             key, bsize = kb
@@ -758,9 +759,10 @@ class ChunkStore:
                     self._unpin(key, data, consumed=True)
                 got = bsize
             if linux:
-                local = self._local_unverified([kb], sized=False)[0]
-                if local is not None:
-                    page_in(local[0], bsize)
+                if direct:
+                    page_in(self.store.local_path(key), bsize)
+                elif not page_in(self.cache.path(key), bsize):
+                    page_in(self.cache.staged_path(key), bsize)
             if progress is not None:
                 progress(bsize)
             return got
@@ -838,10 +840,14 @@ class ChunkStore:
                 self._maps.popitem(last=False)      # unmapped once no reply holds a view of it
         return mv
 
+    def _objects_are_local_blocks(self) -> bool:
+        """The store keeps objects as local files (``file://``) and blocks are not compressed:
+        an object's file holds its block's bytes as they are."""
+        return self.compressor.name == "none" and hasattr(self.store, "local_path")
+
     def has_local_blocks(self) -> bool:
         """Whether :meth:`local_blocks` can ever find a block in a local file."""
-        return self.cache is not None or (self.compressor.name == "none"
-                                          and hasattr(self.store, "local_path"))
+        return self.cache is not None or self._objects_are_local_blocks()
 
     def local_blocks(self, blocks: list[tuple[str, int]], verify: bool = True) -> list:
         """For each ``(key, bsize)``: a local file whose bytes ``[0, bsize)`` are the block's,
@@ -876,7 +882,7 @@ class ChunkStore:
         # sized=False: a store's object is taken without a stat (the unverified caller checks
         # the size of the file it opens, as it must anyway: it could be replaced meanwhile)
         out: list = [None] * len(blocks)
-        direct = self.compressor.name == "none" and hasattr(self.store, "local_path")
+        direct = self._objects_are_local_blocks()
         for i, (key, bsize) in enumerate(blocks):
             if direct:
                 path = self.store.local_path(key)

@@ -423,6 +423,48 @@ def test_readdir(m):
         m.readdir(999_999)
 
 
+def test_attr_changes_counts_every_change_of_attributes(m, meta_url, tmp_path):
+    """attr_changes() goes up with each transaction that changes any inode's attributes, and
+    only then: equal values mean no attributes changed in between (Volume.read_listed relies on
+    it). It never goes back: a volume made or loaded starts at the time in microseconds."""
+    start = m.attr_changes()
+    assert start >= (time.time() - 60) * 1e6
+    d = m.mkdir(ROOT_INODE, "d")
+    f = m.create(d.inode, "f")
+    g = m.create(d.inode, "g")
+    changes = [
+        lambda: m.write_chunk(f.inode, 0, _slice(m, 10)),
+        lambda: m.truncate(f.inode, 3),
+        lambda: m.setattr(f.inode, mode=0o600),
+        lambda: m.rename(d.inode, "f", d.inode, "f2"),
+        lambda: m.link(g.inode, ROOT_INODE, "hard"),
+        lambda: m.symlink(d.inode, "ln", "f2"),
+        lambda: m.create_files(d.inode, ["p", "q"]),
+        lambda: m.unlink(d.inode, "g"),
+        lambda: m.mkdir(ROOT_INODE, "e"),
+        lambda: m.rmdir(ROOT_INODE, "e"),
+    ]
+    for change in changes:
+        before = m.attr_changes()
+        change()
+        assert m.attr_changes() == before + 1        # one transaction, counted once
+    before = m.attr_changes()
+    m.getattr(f.inode), m.readdir(d.inode), m.resolve("/d/f2"), m.raw_attrs([f.inode])
+    m.setxattr(f.inode, "user.k", b"v")             # not attributes
+    m.new_slice_id()
+    assert m.attr_changes() == before
+    with _errno(errno.ENOENT):                       # a failed change counts nothing
+        m.unlink(d.inode, "missing")
+    assert m.attr_changes() == before
+    data = m.dump()
+    m.load_dump(data, force=True)                    # the engine's keys go, the count stays
+    assert m.attr_changes() > before
+    copy = new_meta(f"sqlite3://{tmp_path}/copy/meta.db")
+    copy.load_dump(data)
+    assert copy.attr_changes() >= start
+    copy.close()
+
+
 # -- data ------------------------------------------------------------------------------------------
 def test_chunks_write_read_truncate(m):
     freed = []

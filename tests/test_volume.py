@@ -340,8 +340,15 @@ def test_read_listed_reads_each_file_as_it_is_now(any_vol):
     def now(ks):
         return [v.read_bytes(paths[k]) for k in ks]
 
+    looked = []                                         # per-file attribute reads
+    real = v.meta.raw_attrs
+    v.meta.raw_attrs = lambda inodes: looked.append(inodes) or real(inodes)
     got, counts = read(list(range(len(paths))))
     assert got == [data[p] for p in paths] and counts == (len(paths) - 2, 2)
+    assert looked == []             # nothing changed in the volume: its change count told so
+    v.write_bytes("/elsewhere/y", b"elsewhere")         # a change outside the listed tree
+    got, counts = read(some)
+    assert got == now(some) and counts == (4, 1) and len(looked) == 1
     v.write_bytes("/t/a/f0", pattern(500, 99))          # same length, new bytes
     got, counts = read(some)
     assert got == now(some) and got[0] == pattern(500, 99) and counts == (3, 2)

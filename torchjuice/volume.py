@@ -246,6 +246,7 @@ class Listing:
         self.length = array.array("q")
         self.dirs: list[tuple[tuple[int, ...], tuple[int, ...]]] = []   # (inodes, digests)
         self.usable = True                # False: the path to the top went through a symlink
+        self.changes = -1                 # the volume's attr_changes() before it was listed
 
     def __len__(self) -> int:
         return len(self.inode)
@@ -525,6 +526,7 @@ class Volume:
         Each directory is read in one metadata transaction: its entries, their attributes and
         where the bytes of its small files lie."""
         top = self.norm(top)
+        changes = self.meta.attr_changes()      # before anything is read
         inos: list[int] = []
         sums: list[int] = []
         ino, usable = ROOT_INODE, True
@@ -544,6 +546,7 @@ class Volume:
         found: list[tuple] = []
         lst = Listing()
         lst.usable = usable
+        lst.changes = changes
         stack = [(top, ino, tuple(inos), tuple(sums))]
         while stack:
             d, dino, inos_, sums_ = stack.pop()
@@ -585,19 +588,23 @@ class Volume:
         still as listed is read from the block the listing recorded -- any change to a file's
         content changes its attributes, and any change to a directory's entries the
         directory's, so this is the file as it is now (close-to-open holds). The others are
-        read by path."""
+        read by path. While the volume's count of attribute changes is still the one read
+        before the listing, no attributes changed: that one read stands for them all."""
         L = listing
         fast = [i for i in indices if L.sid[i]] if L.usable else []
         if not fast:
             self.listed_by_path += len(indices)
             return self.read_many(paths)
-        dirs = {L.dir[i] for i in fast}
-        want = {L.inode[i] for i in fast}
-        for d in dirs:
-            want.update(L.dirs[d][0])
-        want = list(want)
-        now = dict(zip(want, map(_attr_sum, self.meta.raw_attrs(want))))
-        same_dir = {d: all(now[i] == s for i, s in zip(*L.dirs[d])) for d in dirs}
+        if self.meta.attr_changes() == L.changes:
+            now = same_dir = None
+        else:
+            dirs = {L.dir[i] for i in fast}
+            want = {L.inode[i] for i in fast}
+            for d in dirs:
+                want.update(L.dirs[d][0])
+            want = list(want)
+            now = dict(zip(want, map(_attr_sum, self.meta.raw_attrs(want))))
+            same_dir = {d: all(now[i] == s for i, s in zip(*L.dirs[d])) for d in dirs}
         cs = self.chunks
         out: list = [None] * len(indices)
         runs: list[tuple[str, int, list[int], list[tuple[int, int]]]] = []   # one block's files
@@ -605,7 +612,8 @@ class Volume:
         block = key = None
         for k, i in enumerate(indices):
             sid = L.sid[i]
-            if not sid or not same_dir[L.dir[i]] or now[L.inode[i]] != L.attr[i]:
+            if not sid or now is not None and (not same_dir[L.dir[i]] or
+                                               now[L.inode[i]] != L.attr[i]):
                 slow.append(k)
                 continue
             if (sid, L.index[i]) != block:      # files side by side share their block's key

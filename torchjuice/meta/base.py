@@ -38,7 +38,15 @@ Key layout::
                      ``slice_delay`` seconds later: readers may still hold the old slice list)
     lease:{job}      the time a client last ran a volume-wide background job
     counters         nextInode, nextSlice, nextSession (last value handed out),
-                     usedSpace (sum of align4k(length) over inodes), totalInodes
+                     usedSpace (sum of align4k(length) over inodes), totalInodes,
+                     attrChanges (see below)
+
+Every transaction that writes or deletes an ``i{ino}`` key adds one to the counter
+``attrChanges``, in the same transaction (the engines do it at commit: ``attr_key`` tells them
+which keys count). A reader that kept attributes and the counter's value (``Volume.list_tree``)
+then knows, by one read of the counter, that none of them changed since. A volume made or loaded
+raises it to the time in microseconds, so one made again under the same URL never counts through
+values an earlier one had (``load_dump`` keeps it).
 
 The trash (JuiceFS's design): with ``Format.trash_days > 0`` a regular file whose last link goes
 (``unlink``, or a ``rename`` replacing it) is not freed: its entry moves to ``/.trash/{hour}/``
@@ -138,6 +146,21 @@ def redact(url: str) -> str:
 
 def _ikey(ino: int) -> str:
     return f"i{ino}"
+
+
+ATTR_CHANGES = "attrChanges"
+
+
+def attr_key(k: str) -> bool:
+    """Whether ``k`` is an inode's attributes (``i{ino}``): writing it counts in ``attrChanges``."""
+    return k[:1] == "i" and k[1:].isdigit()
+
+
+def _start_attr_changes(tx, now: int) -> None:
+    """Raise ``attrChanges`` (``now``) to the time in microseconds, for a volume made or loaded."""
+    start = time.time_ns() // 1000
+    if now < start:
+        tx.incrby(ATTR_CHANGES, start - now)
 
 
 def _dkey(ino: int) -> str:
@@ -470,7 +493,8 @@ class BaseMeta(Meta):
     # -- volume ------------------------------------------------------------------------------------
     def init(self, fmt: Format, force: bool = False) -> None:
         def fn(tx):
-            old, root = tx.batch([("get", "setting"), ("get", _ikey(ROOT_INODE))])
+            old, root, changes = tx.batch([("get", "setting"), ("get", _ikey(ROOT_INODE)),
+                                           ("counter", ATTR_CHANGES)])
             if old is not None and not force:
                 name = Format.from_json(old).name
                 raise AlreadyFormattedError(
@@ -487,6 +511,7 @@ class BaseMeta(Meta):
                     tx.incrby("nextInode", ROOT_INODE)
                     tx.incrby("totalInodes", 1)
                     tx.incrby("usedSpace", align4k(DIR_LENGTH))
+            _start_attr_changes(tx, changes)
         self.txn(fn)
         self.fmt = fmt
 
@@ -1413,6 +1438,9 @@ class BaseMeta(Meta):
     def raw_attrs(self, inodes: list[int]) -> list[bytes | None]:
         return self.txn(lambda tx: tx.gets([_ikey(i) for i in inodes]), readonly=True)
 
+    def attr_changes(self) -> int:
+        return self.txn(lambda tx: tx.counter(ATTR_CHANGES), readonly=True)
+
     # -- data --------------------------------------------------------------------------------------
     def truncate(self, inode: int, length: int) -> Attr:
         if length < 0:
@@ -1811,6 +1839,7 @@ class BaseMeta(Meta):
                     f"{len(keys)} keys")
             raise AlreadyFormattedError(f"{redact(self.url)} already holds {what} (--force / "
                                         "force=True replaces it)")
+        keys = [k for k in keys if k != ATTR_CHANGES]      # it only ever goes up (see above)
         for i in range(0, len(keys), batch):
             part = keys[i: i + batch]
             self.txn(lambda tx: [tx.delete(k) for k in part])
@@ -1851,6 +1880,7 @@ class BaseMeta(Meta):
             self.txn(lambda tx: [self._set_holders(tx, sid, n) for sid, n in part])
 
         def finish(tx):
+            _start_attr_changes(tx, tx.counter(ATTR_CHANGES))
             for k, v in data["counters"].items():
                 if v:
                     tx.incrby(k, int(v))

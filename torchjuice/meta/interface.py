@@ -242,6 +242,11 @@ class Meta(ABC):
     def raw_attrs(self, inodes: list[int]) -> list[bytes | None]:
         """The stored attributes of ``inodes``, raw, in one transaction (None: no such inode)."""
 
+    @abstractmethod
+    def attr_changes(self) -> int:
+        """A count that every transaction changing any inode's attributes raises: the same
+        value read again means no inode's attributes changed in between."""
+
     # -- data ----------------------------------------------------------------------------------------
     @abstractmethod
     def truncate(self, inode: int, length: int) -> Attr:

@@ -17,7 +17,7 @@ import threading
 import redis
 import redis.exceptions as rexc
 
-from .base import BaseMeta, KVTx, _enc, backoff, redact, unpack_entry
+from .base import ATTR_CHANGES, BaseMeta, KVTx, _enc, attr_key, backoff, redact, unpack_entry
 from .interface import ROOT_INODE, TYPE_DIR, TYPE_FILE, TYPE_SYMLINK
 
 # BaseMeta._walk server-side, in one call: ARGV = start inode, "1" to also return the slices of
@@ -127,6 +127,7 @@ class _RedisTx(KVTx):
         self._watched: set = set()
         self._written: set = set()
         self._writes: list = []
+        self._changed = False           # an inode's attributes written (attrChanges counted)
         self.broken = False             # responses left unread: the connection must go
 
     # -- plumbing ----------------------------------------------------------------------------------
@@ -182,6 +183,9 @@ class _RedisTx(KVTx):
             raise RuntimeError("write in a read-only transaction")
         self._written.add(key)
         self._writes.append(cmd)
+        if attr_key(key) and not self._changed:     # counted once, at commit (base.ATTR_CHANGES)
+            self._changed = True
+            self._writes.append(("INCRBY", ATTR_CHANGES, 1))
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, k):

@@ -19,7 +19,8 @@ import sqlite3
 import threading
 import time
 
-from .base import ROOT_INODE, BaseMeta, KVTx, _enc, backoff, redact, unpack_entry
+from .base import (ATTR_CHANGES, ROOT_INODE, BaseMeta, KVTx, _enc, attr_key, backoff, redact,
+                   unpack_entry)
 
 log = logging.getLogger("torchjuice.meta")
 
@@ -127,17 +128,25 @@ _IN_BATCH = 500                  # SQLite's bound-variable limit is far above th
 
 
 class _SQLTx(KVTx):
-    __slots__ = ("_x", "_q", "_pg", "_ro")
+    __slots__ = ("_x", "_q", "_pg", "_ro", "changed")
 
     def __init__(self, conn, pg: bool, readonly: bool):
         self._x = conn.execute
         self._q = _Q_PG if pg else _Q
         self._pg = pg
         self._ro = readonly
+        self.changed = False            # an inode's attributes written: attrChanges goes up
 
-    def _w(self):
+    def _w(self, k=""):
         if self._ro:
             raise RuntimeError("write in a read-only transaction")
+        if attr_key(k):
+            self.changed = True
+
+    def finish(self) -> None:
+        """Before COMMIT: count the change of attributes (see ``base.ATTR_CHANGES``)."""
+        if self.changed:
+            self._x(self._q["incrby"], (ATTR_CHANGES, 1))
 
     # strings
     def get(self, k):
@@ -162,11 +171,11 @@ class _SQLTx(KVTx):
         return [found.get(k) for k in keys]
 
     def set(self, k, v):
-        self._w()
+        self._w(k)
         self._x(self._q["set"], (k, v))
 
     def delete(self, k, kind=None):
-        self._w()
+        self._w(k)
         if kind in (None, "str"):
             self._x(self._q["del_str"], (k,))
         if kind in (None, "hash"):
@@ -520,7 +529,9 @@ class SQLMeta(BaseMeta):
             try:
                 c.execute(begin)
                 try:
-                    result = fn(_SQLTx(c, self._pg, readonly))
+                    tx = _SQLTx(c, self._pg, readonly)
+                    result = fn(tx)
+                    tx.finish()
                     c.execute("COMMIT")
                     return result
                 except BaseException:

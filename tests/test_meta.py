@@ -456,6 +456,10 @@ def test_attr_changes_counts_every_change_of_attributes(m, meta_url, tmp_path):
     with _errno(errno.ENOENT):                       # a failed change counts nothing
         m.unlink(d.inode, "missing")
     assert m.attr_changes() == before
+    assert m.raw_attrs([f.inode, d.inode], since=before) is None     # nothing changed since
+    m.setattr(d.inode, mode=0o700)
+    assert m.raw_attrs([f.inode, d.inode], since=before) == m.raw_attrs([f.inode, d.inode])
+    before = m.attr_changes()
     data = m.dump()
     m.load_dump(data, force=True)                    # the engine's keys go, the count stays
     assert m.attr_changes() > before

@@ -595,15 +595,15 @@ class Volume:
         if not fast:
             self.listed_by_path += len(indices)
             return self.read_many(paths)
-        if self.meta.attr_changes() == L.changes:
-            now = same_dir = None
-        else:
-            dirs = {L.dir[i] for i in fast}
-            want = {L.inode[i] for i in fast}
-            for d in dirs:
-                want.update(L.dirs[d][0])
-            want = list(want)
-            now = dict(zip(want, map(_attr_sum, self.meta.raw_attrs(want))))
+        dirs = {L.dir[i] for i in fast}
+        want = {L.inode[i] for i in fast}
+        for d in dirs:
+            want.update(L.dirs[d][0])
+        want = list(want)
+        now = same_dir = None
+        raws = self.meta.raw_attrs(want, since=L.changes)
+        if raws is not None:
+            now = dict(zip(want, map(_attr_sum, raws)))
             same_dir = {d: all(now[i] == s for i, s in zip(*L.dirs[d])) for d in dirs}
         cs = self.chunks
         out: list = [None] * len(indices)

@@ -1435,8 +1435,12 @@ class BaseMeta(Meta):
         return self._with_file_data(tx, {bytes(n): [*unpack_entry(bytes(e)), None, []]
                                          for n, e in tx.hgetall(_dkey(dir_ino)).items()})
 
-    def raw_attrs(self, inodes: list[int]) -> list[bytes | None]:
-        return self.txn(lambda tx: tx.gets([_ikey(i) for i in inodes]), readonly=True)
+    def raw_attrs(self, inodes: list[int], since: int | None = None) -> list[bytes | None] | None:
+        def fn(tx):
+            if since is not None and tx.counter(ATTR_CHANGES) == since:
+                return None
+            return tx.gets([_ikey(i) for i in inodes])
+        return self.txn(fn, readonly=True)
 
     def attr_changes(self) -> int:
         return self.txn(lambda tx: tx.counter(ATTR_CHANGES), readonly=True)

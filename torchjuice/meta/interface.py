@@ -239,8 +239,9 @@ class Meta(ABC):
         kept them (``Volume.list_tree``) knows a later view is the same by comparing them."""
 
     @abstractmethod
-    def raw_attrs(self, inodes: list[int]) -> list[bytes | None]:
-        """The stored attributes of ``inodes``, raw, in one transaction (None: no such inode)."""
+    def raw_attrs(self, inodes: list[int], since: int | None = None) -> list[bytes | None] | None:
+        """The stored attributes of ``inodes``, raw, in one transaction (None: no such inode);
+        with ``since``, None instead while :meth:`attr_changes` is still ``since``."""
 
     @abstractmethod
     def attr_changes(self) -> int:

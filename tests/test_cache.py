@@ -71,6 +71,33 @@ def test_reads_fill_the_cache_and_later_reads_hit_it(setup):
     assert m2["cache_hits"] >= 4 and m2["cache_hit_bytes"] >= len(data)
 
 
+def test_a_cache_directory_removed_while_in_use_is_made_again(setup, caplog):
+    """Clearing the cache (rm -rf) under a running client: later reads cache their blocks in
+    the directory made again, with one warning, instead of failing to cache each block."""
+    import shutil
+    _, client, _ = setup
+    writer = client(cache=None)
+    a, b = data_of(2 * MiB, 1), data_of(2 * MiB, 2)
+    writer.write_bytes("/a", a)
+    writer.write_bytes("/b", b)
+    vol = client()
+    assert vol.read_bytes("/a") == a
+    vol.chunks.drain_cache_fill()
+    assert len(cache_files(vol)) == 2
+    shutil.rmtree(vol.cache_dir)
+    with caplog.at_level("WARNING", logger="torchjuice"):
+        assert vol.read_bytes("/b") == b
+        vol.chunks.drain_cache_fill()
+    assert len(cache_files(vol)) == 2 and vol.metrics()["cache_skipped"] == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"disk cache {vol.cache_dir} was removed while in use: made again, empty"]
+    gets = vol.metrics()["get_count"]
+    assert vol.read_bytes("/b") == b and vol.metrics()["get_count"] == gets     # hits
+    assert vol.read_bytes("/a") == a            # its blocks are gone from the disk: fetched again
+    vol.chunks.drain_cache_fill()
+    assert len(cache_files(vol)) == 4
+
+
 def test_cache_survives_a_restart(setup):
     _, client, _ = setup
     client(cache=None).write_bytes("/f", data_of(2 * MiB, 1))

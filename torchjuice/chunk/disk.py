@@ -511,8 +511,7 @@ class DiskCache:
         final = self.staged_path(key) if staged else self.path(key)
         tmp = f"{final}.{_uuid.uuid4().hex[:8]}.{total}.tmp"   # reserved size in the name
         try:
-            self._ensure_dir(os.path.dirname(final))
-            fd = self._begin(tmp, total, evictable=not staged)
+            fd = self._start(final, tmp, total, staged)
         except OSError as e:
             if staged:
                 raise
@@ -542,6 +541,36 @@ class DiskCache:
             if staged:
                 raise
             return self._skip(key, e)
+
+    def _start(self, final: str, tmp: str, total: int, staged: bool) -> int | None:
+        """:meth:`_begin` in ``final``'s directory, made if missing; once more after
+        :meth:`_remake` if the cache directory itself was removed meanwhile."""
+        for again in (True, False):
+            try:
+                self._ensure_dir(os.path.dirname(final))
+                return self._begin(tmp, total, evictable=not staged)
+            except FileNotFoundError:
+                if not again or not self._remake():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _remake(self) -> bool:
+        """The cache directory was removed under a running client (someone cleared the cache):
+        make it again, empty, and account for it from scratch (the lock and usage files went
+        with it). False if it is still there. Blocks this process holds open stay readable:
+        their content never changes."""
+        with self._tlock:
+            if os.path.isdir(self.raw) and os.path.isdir(self.staging):
+                return False
+            for d in (self.raw, self.staging):
+                os.makedirs(d, exist_ok=True)
+            self._dirs.clear()
+            acct, self._acct = self._acct, None
+            if acct is not None and acct[0] == os.getpid():
+                for fd in acct[1:]:
+                    os.close(fd)
+        log.warning("disk cache %s was removed while in use: made again, empty", self.dir)
+        return True
 
     # Writing a block through the page cache costs 1-3 ms of kernel CPU per 4 MiB here (fresh
     # pages, delayed allocation), as much as downloading it. With O_DIRECT the same write costs

@@ -415,6 +415,38 @@ def test_sample_fields_and_whole_files(vol):
                         ("/w/x", ["__key__", "__url__", "png"])]
 
 
+def test_iterable_whole_files_of_a_directory_read_through_its_listing(vol):
+    """JuiceIterableDataset over a directory of small files keeps the directory's listing: a
+    group of its files read inline goes through it (no path lookups), a file changed after the
+    listing is still read as it is now, and a group reaching past the directory goes by path."""
+    from torchjuice.data import Prefetcher, plan_units
+    vol.makedirs("/it/x")
+    files = {f"/it/x/{i:03d}.bin": bytes([i]) * (100 + i) for i in range(40)}
+    vol.write_many(files.items())
+    vol.write_bytes("/lone.bin", b"lone")
+    ds = JuiceIterableDataset([f"juice://{VOL}/lone.bin", f"juice://{VOL}/it"])
+    assert [u for u, _ in ds.shards][:2] == [f"juice://{VOL}/lone.bin", f"juice://{VOL}/it/x/000.bin"]
+    assert [(lo, hi) for lo, hi, *_ in ds._listed] == [(1, 41)]
+    units = list(plan_units(ds.shards, range(len(ds.shards)), ds.read_size))
+    reader = Prefetcher(ds._vols, [], listed=ds._listed)
+    m = ds._vols.get(VOL).metrics
+
+    def group(us):
+        before = m()
+        got = [d for _, d in reader._read_group(us)]
+        after = m()
+        return got, (after["listed_direct"] - before["listed_direct"],
+                     after["listed_by_path"] - before["listed_by_path"])
+    expect = list(files.values())
+    assert group(units[1:33]) == (expect[:32], (32, 0))
+    vol.write_bytes("/it/x/005.bin", b"changed")          # after the listing
+    expect[5] = b"changed"
+    assert group(units[1:33]) == (expect[:32], (31, 1))
+    assert group(units[0:3]) == ([b"lone"] + expect[:2], (0, 0))    # not all listed: by path
+    reader.close()
+    assert [s["bin"] for s in ds] == [b"lone"] + expect
+
+
 def test_long_names_pax_and_gnu(vol):
     long = "d" * 120 + "/" + "k" * 110
     for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):

@@ -612,9 +612,11 @@ class JuiceDataset(Dataset):
 
 
 # -- shards --------------------------------------------------------------------------------------------
-def _resolve_shards(urls, vols: _Volumes, handler) -> list[tuple[str, int]]:
+def _resolve_shards(urls, vols: _Volumes, handler) -> tuple[list[tuple[str, int]], list]:
     """``(url, size)`` of each shard: brace patterns expanded, directories listed (recursively,
-    sorted), every named file checked with one ``scandir`` per parent directory."""
+    sorted), every named file checked with one ``scandir`` per parent directory. And for each
+    listed directory ``(first, end, volume name, Listing)``: shards ``first..end-1`` are its
+    files, for :meth:`Volume.read_listed`."""
     if isinstance(urls, str):
         named = expand_braces(urls)
     else:
@@ -636,15 +638,18 @@ def _resolve_shards(urls, vols: _Volumes, handler) -> list[tuple[str, int]]:
             except (FileNotFoundError, NotADirectoryError):
                 by_dir[key] = {}
     out: list[tuple[str, int]] = []
+    listed: list[tuple[int, int, str, object]] = []
     missing: list[str] = []
     for u in named:
         name, path = split_url(u)
         p = vols.get(name).norm(path)
         attr = by_dir[(name, posixpath.dirname(p))].get(posixpath.basename(p)) if p != "/" else None
         if p == "/" or (attr is not None and attr.is_dir) or (attr is not None and attr.is_symlink):
-            files = list_files(u, meta)           # a directory (or a link): every file under it
+            files, listing = _list_files(u, meta)     # a directory (or a link): every file under it
             if not files and not (attr is not None and attr.is_symlink):
                 raise ValueError(f"no files under {u}")
+            if listing is not None and files:
+                listed.append((len(out), len(out) + len(files), *listing))
             out.extend(files)
         elif attr is None:
             missing.append(u)
@@ -656,7 +661,9 @@ def _resolve_shards(urls, vols: _Volumes, handler) -> list[tuple[str, int]]:
         _handle(handler, exn)           # raises by default; else the missing shards are dropped
     if not out:
         raise ValueError(f"no shards to read in {urls!r}")
-    return out
+    if missing and listed:                  # the shards after a dropped one moved up
+        listed = []
+    return out, listed
 
 
 def _is_tar(url: str) -> bool:
@@ -917,8 +924,9 @@ class Prefetcher:
     FAST_RUN = 32            # this many fast whole-file reads in a row: read inline
 
     def __init__(self, vols: _Volumes, units: Iterable[_Unit], threads: int = 8,
-                 max_bytes: int = 64 * MiB, max_units: int = 64):
+                 max_bytes: int = 64 * MiB, max_units: int = 64, listed: Sequence = ()):
         self._vols = vols
+        self._listed = listed               # (first, end, volume name, Listing): _resolve_shards
         self._units = iter(units)
         self._peeked: _Unit | None = None
         self._pending: collections.deque = collections.deque()
@@ -999,8 +1007,16 @@ class Prefetcher:
     def _read_group(self, units: list[_Unit]) -> list[tuple]:
         """``(unit, data or exception)`` for whole files ``units``: one metadata transaction for
         them all when they are on one volume (``Volume.read_many``); one by one if any fails, so
-        each gets its own result."""
+        each gets its own result. Files of one listed directory are read through its listing
+        (``Volume.read_listed``: no path lookups)."""
         try:
+            first = units[0].shard
+            for lo, hi, name, listing in self._listed:
+                if lo <= first < hi and all(lo <= u.shard < hi for u in units):
+                    cut = len(f"juice://{name}")
+                    datas = self._vols.get(name).read_listed(
+                        listing, [u.shard - lo for u in units], [u.url[cut:] for u in units])
+                    return list(zip(units, datas))
             return list(zip(units, self._vols.read_many([u.url for u in units])))
         except Exception:
             pass
@@ -1150,7 +1166,7 @@ class JuiceIterableDataset(IterableDataset):
         self._explicit_rank = rank is not None
         self._vols = _Volumes(meta)
         self._vols.set_fill(cache_fill, -1)             # checked now; sized below
-        self.shards: list[tuple[str, int]] = _resolve_shards(urls, self._vols, handler)
+        self.shards, self._listed = _resolve_shards(urls, self._vols, handler)
         self._vols.set_fill(cache_fill, sum(max(0, n) for _, n in self.shards))
         self._fingerprint = zlib.crc32("\n".join(u for u, _ in self.shards).encode())
         # epoch, resume and "read by workers" live in shared memory: a set_epoch or a
@@ -1285,7 +1301,7 @@ class JuiceIterableDataset(IterableDataset):
             big = sum(1 for i in sids if self.shards[i][1] > self.read_size and _is_tar(self.shards[i][0]))
             threads = 2 if big * 2 >= len(sids) else 8
         reader = Prefetcher(self._vols, plan_units(self.shards, sids, self.read_size),
-                            threads, self.prefetch_bytes)
+                            threads, self.prefetch_bytes, listed=self._listed)
         try:
             while True:
                 try:

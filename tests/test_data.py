@@ -330,15 +330,16 @@ def test_cache_fill_follows_the_data_set_size(vol, monkeypatch):
 
 
 def test_prefetcher_reads_fast_files_inline_and_keeps_order(vol, monkeypatch):
-    """Whole files that keep arriving fast are read in the consumer's thread; a slow one, or a
-    shard window, goes back to the pool; order and errors are kept."""
+    """Whole files are read in the consumer's thread, a probe group first; a shard window, or
+    a slow group that went to a remote store, goes to the pool, and fast reads there come back;
+    order and errors are kept."""
     import torchjuice.data as data_mod
     from torchjuice.data import Prefetcher, _Unit, _Volumes
     vol.makedirs("/p")
-    for i in range(100):
+    for i in range(160):
         vol.write_bytes(f"/p/{i:03d}", str(i).encode())
     vol.write_bytes("/p/big", bytes(range(256)) * 40)
-    units = [_Unit(i, f"juice://{VOL}/p/{i:03d}", 0, -1, True) for i in range(100)]
+    units = [_Unit(i, f"juice://{VOL}/p/{i:03d}", 0, -1, True) for i in range(160)]
     units[70] = _Unit(70, f"juice://{VOL}/p/missing", 0, -1, True)
     units[80:81] = [_Unit(80, f"juice://{VOL}/p/big", 0, 4096, False),
                     _Unit(80, f"juice://{VOL}/p/big", 4096, -1, True)]
@@ -356,12 +357,21 @@ def test_prefetcher_reads_fast_files_inline_and_keeps_order(vol, monkeypatch):
     assert isinstance(out[70], FileNotFoundError)
     assert bytes(out[80]) + bytes(out[81]) == bytes(range(256)) * 40
     assert [int(d) for i, d in enumerate(out) if i not in (70, 80, 81)] == \
-        [i for i in range(100) if i not in (70, 80)]
-    assert any(modes[:60]) and not all(modes)                  # inline once fast, pool around the window
-    assert groups and max(groups) == data_mod.INLINE_MAX        # inline: a transaction per group
-    monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)
+        [i for i in range(160) if i not in (70, 80)]
+    assert all(modes[:60]) and not all(modes)                  # inline, pool around the window
+    assert modes[-1]                                            # ... and back once fast
+    assert groups[0] == data_mod.INLINE_GROUP                   # the probe
+    assert max(groups) == data_mod.INLINE_MAX                   # then a transaction per group
+    monkeypatch.setattr(data_mod, "SLOW_READ", -1.0)            # every read slow...
+    r = Prefetcher(_Volumes(), units[:60], threads=4, max_units=8)
+    assert [int(d) for _, d in r] == list(range(60)) and r._inline   # ... but local: inline
+    r.close()
+    gets = iter(range(1000))                                    # ... and remote: the pool
+    monkeypatch.setattr(_Volumes, "remote_gets", lambda self: next(gets))
+    del groups[:]
     r = Prefetcher(_Volumes(), units[:60], threads=4, max_units=8)
     assert [int(d) for _, d in r] == list(range(60)) and not r._inline
+    assert groups == [data_mod.INLINE_GROUP]
     r.close()
 
 

@@ -916,10 +916,11 @@ class Prefetcher:
     pool, ``max_bytes`` at most in flight, and hands them back in order as ``(unit, data)`` —
     ``data`` is the exception when a read failed. Only the Volume API is used (one open per unit).
 
-    Whole files that keep arriving fast (served locally: see ``SLOW_READ``) are read inline in the
-    consumer's thread instead, where a thread hand-off would cost as much as the read,
-    ``INLINE_MAX`` per metadata transaction; a slow group (or a shard window) switches back to
-    reading ahead on the pool."""
+    Whole files are read inline in the consumer's thread first, where a thread hand-off would
+    cost as much as a read served locally (see ``SLOW_READ``): ``INLINE_GROUP`` of them as a
+    probe, then ``INLINE_MAX`` per metadata transaction. A slow group that fetched from a remote
+    store (or a shard window) switches to reading ahead on the pool; ``FAST_RUN`` fast reads in
+    a row there switch back."""
 
     FAST_RUN = 32            # this many fast whole-file reads in a row: read inline
 
@@ -936,7 +937,9 @@ class Prefetcher:
         self._pool = ThreadPoolExecutor(max(1, threads), "tj-prefetch")
         self._free: list[bytearray] = []     # window buffers handed back: fresh memory is slow
         self._done = False
-        self._inline = False
+        # start inline with a probe of INLINE_GROUP files: timing reads on the pool would take
+        # the GIL waits of 8 threads beside the consumer for slowness, and keep them there
+        self._inline, self._probe = True, True
         self._fast = 0                       # fast whole-file reads in a row
         self._ready: collections.deque = collections.deque()   # read inline, not handed out yet
         self._fill()
@@ -1035,7 +1038,8 @@ class Prefetcher:
             if not self._inline:
                 raise StopIteration
             units: list[_Unit] = []
-            while len(units) < INLINE_MAX:
+            limit, self._probe = (INLINE_GROUP if self._probe else INLINE_MAX), False
+            while len(units) < limit:
                 u = self._next_unit()
                 if u is None:
                     break

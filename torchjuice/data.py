@@ -661,8 +661,6 @@ def _resolve_shards(urls, vols: _Volumes, handler) -> tuple[list[tuple[str, int]
         _handle(handler, exn)           # raises by default; else the missing shards are dropped
     if not out:
         raise ValueError(f"no shards to read in {urls!r}")
-    if missing and listed:                  # the shards after a dropped one moved up
-        listed = []
     return out, listed
 
 

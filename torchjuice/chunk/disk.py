@@ -545,14 +545,15 @@ class DiskCache:
     def _start(self, final: str, tmp: str, total: int, staged: bool) -> int | None:
         """:meth:`_begin` in ``final``'s directory, made if missing; once more after
         :meth:`_remake` if the cache directory itself was removed meanwhile."""
-        for again in (True, False):
+        remade = False
+        while True:
             try:
                 self._ensure_dir(os.path.dirname(final))
                 return self._begin(tmp, total, evictable=not staged)
             except FileNotFoundError:
-                if not again or not self._remake():
+                if remade or not self._remake():
                     raise
-        raise AssertionError("unreachable")
+                remade = True
 
     def _remake(self) -> bool:
         """The cache directory was removed under a running client (someone cleared the cache):

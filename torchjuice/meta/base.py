@@ -156,11 +156,12 @@ def attr_key(k: str) -> bool:
     return k[:1] == "i" and k[1:].isdigit()
 
 
-def _start_attr_changes(tx, now: int) -> None:
-    """Raise ``attrChanges`` (``now``) to the time in microseconds, for a volume made or loaded."""
+def _start_attr_changes(tx, count: int) -> None:
+    """Raise ``attrChanges`` (now ``count``) to the time in microseconds, for a volume made or
+    loaded."""
     start = time.time_ns() // 1000
-    if now < start:
-        tx.incrby(ATTR_CHANGES, start - now)
+    if count < start:
+        tx.incrby(ATTR_CHANGES, start - count)
 
 
 def _dkey(ino: int) -> str:

@@ -78,3 +78,67 @@ def test_search_doubles_then_bisects():
     # doubling runs every backend at one N before the next N
     assert calls[:4] == [("a", 1), ("b", 1), ("c", 1), ("d", 1)]
     assert search([1, 2, 4], ["a"], run_n, in_budget, refine=0) == {"a": 4}
+
+
+def test_plan_gives_every_rank_enough_whole_files():
+    """Every rank of a run with up to the planned number of accelerators finds the samples of all
+    its steps in its own files (files[r::n]): none runs out and starts its DataLoader again."""
+    sys.path.insert(0, ROOT)
+    from benchmarks.mlperf.workloads import WORKLOADS, plan
+    for name, steps in (("resnet50", 40), ("unet3d", 9), ("cosmoflow", 1000)):
+        w = WORKLOADS[name]
+        lay = plan(w, 0.01, 16, steps * w.batch)
+        assert lay.samples == len(lay.files) * w.per_file
+        for n in range(1, 17):
+            least = min(len(lay.files[r::n]) for r in range(n)) * w.per_file
+            assert least >= steps * w.batch, (name, n, least)
+
+
+def _barrier_rounds(rank, barrier, arrived, out, rounds):
+    import time
+    for r in range(rounds):
+        with arrived.get_lock():
+            arrived[r] += 1
+        time.sleep(0.002 * ((rank * 7 + r) % 5))       # arrivals in a changing order
+        barrier.wait(30)
+        out.put((rank, r, arrived[r]))              # everyone had arrived at round r
+
+
+def _barrier_abort(rank, barrier, out):
+    import threading
+    if rank == 0:
+        barrier.abort()
+        out.put((rank, "aborted"))
+        return
+    try:
+        barrier.wait(30)
+        out.put((rank, "passed"))
+    except threading.BrokenBarrierError:
+        out.put((rank, "broken"))
+
+
+def test_step_barrier_releases_a_round_only_when_all_arrived_and_abort_breaks_it():
+    import multiprocessing as mp
+    sys.path.insert(0, ROOT)
+    from benchmarks.mlperf.accel import StepBarrier
+    ctx = mp.get_context("fork")
+    n, rounds = 5, 20
+    barrier = StepBarrier(ctx, n)
+    arrived, out = ctx.Array("i", rounds), ctx.Queue()
+    procs = [ctx.Process(target=_barrier_rounds, args=(r, barrier.for_rank(r), arrived, out, rounds))
+             for r in range(n)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=60) for _ in range(n * rounds)]
+    for p in procs:
+        p.join(10)
+    assert sorted((rank, r) for rank, r, _ in got) == [(k, r) for k in range(n) for r in range(rounds)]
+    assert all(seen == n for _, _, seen in got)
+    barrier = StepBarrier(ctx, 3)
+    procs = [ctx.Process(target=_barrier_abort, args=(r, barrier.for_rank(r), out)) for r in range(3)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=60) for _ in range(3))
+    for p in procs:
+        p.join(10)
+    assert got == {0: "aborted", 1: "broken", 2: "broken"}

@@ -71,10 +71,17 @@ class S3ConnectorTars(_iterable_base()):
 
 
 def to_batch(samples):
-    """Collate: the batch's payloads as one uint8 tensor (what goes to the accelerator)."""
+    """Collate: the batch's payloads as one uint8 tensor (what goes to the accelerator). In a
+    DataLoader worker the tensor is made in shared memory, as torch's default_collate makes its
+    batches there: sending it to the accelerator then copies nothing more."""
     torch = _torch()
+    from torch.utils.data import get_worker_info
     parts = [s["bin"] if isinstance(s, dict) else s for s in samples]
-    out = torch.empty(sum(len(p) for p in parts), dtype=torch.uint8)
+    n = sum(len(p) for p in parts)
+    if get_worker_info() is not None:
+        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))
+    else:
+        out = torch.empty(n, dtype=torch.uint8)
     mv = memoryview(out.numpy())
     off = 0
     for p in parts:
@@ -107,6 +114,59 @@ def make_dataset(cfg: dict, files: list):
                                          transform=read_all,
                                          s3client_config=S3ClientConfig(force_path_style=True))
     raise ValueError(kind)
+
+
+# -- the step barrier ---------------------------------------------------------------------------------
+class StepBarrier:
+    """A barrier of ``n`` processes whose last arrival wakes all the others at once: one byte down
+    each waiting process's own pipe. ``multiprocessing.Barrier`` wakes its waiters one after the
+    other, each through a handshake with the waker; with a dozen processes on two busy cores that
+    chain alone took ~30 ms a step here (an accelerator fed from memory, at N=12: AU 93.8 % with
+    this barrier). ``for_rank(r)`` is what process ``r`` gets; ``wait`` and ``abort`` are
+    ``threading.Barrier``'s."""
+
+    def __init__(self, ctx, n: int):
+        self.n = n
+        self._state = ctx.Array("i", 2)            # [arrived this round, broken]
+        self._pipes = [ctx.Pipe(duplex=False) for _ in range(n)]    # (reader, writer) per rank
+        self.rank = None
+
+    def for_rank(self, rank: int) -> "StepBarrier":
+        view = object.__new__(StepBarrier)
+        view.__dict__.update(self.__dict__, rank=rank)
+        return view
+
+    def _wake(self, ranks) -> None:
+        for r in ranks:
+            self._pipes[r][1].send_bytes(b"x")
+
+    def wait(self, timeout: float | None = None) -> None:
+        import threading
+        st = self._state
+        with st.get_lock():
+            if st[1]:
+                raise threading.BrokenBarrierError
+            st[0] += 1
+            last = st[0] == self.n
+            if last:
+                st[0] = 0
+        if last:
+            self._wake(r for r in range(self.n) if r != self.rank)
+            return
+        reader = self._pipes[self.rank][0]
+        if not reader.poll(timeout):
+            self.abort()
+            raise threading.BrokenBarrierError
+        reader.recv_bytes()
+        if st[1]:
+            raise threading.BrokenBarrierError
+
+    def abort(self) -> None:
+        with self._state.get_lock():
+            if self._state[1]:
+                return
+            self._state[1] = 1
+        self._wake(r for r in range(self.n) if r != self.rank)
 
 
 # -- compute -----------------------------------------------------------------------------------------

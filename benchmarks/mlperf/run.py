@@ -42,9 +42,10 @@ def _ctx():
 
 def run_group(ctx, target, n: int, cfg: dict, timeout: float) -> list[dict]:
     """Start ``n`` processes of ``target(rank, n, cfg, barrier, results)``; their records by rank."""
-    barrier = ctx.Barrier(n)
+    barrier = accel.StepBarrier(ctx, n)
     results = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(r, n, cfg, barrier, results), daemon=False)
+    procs = [ctx.Process(target=target, args=(r, n, cfg, barrier.for_rank(r), results),
+                         daemon=False)
              for r in range(n)]
     for p in procs:
         p.start()
@@ -207,7 +208,7 @@ class Bench:
         compute = w.compute_time(a.accelerator, a.time_scale)
         steps = a.steps or max(a.min_steps, min(a.max_steps, round(a.run_seconds / compute)))
         ns = [n for n in a.ns if n <= a.max_accelerators]
-        lay = plan(w, a.scale, max(ns) * steps * w.batch)
+        lay = plan(w, a.scale, max(ns), steps * w.batch)
         print(f"{wname}: sample {lay.sample_size} B, batch {w.batch}, compute {compute:.4f} s/batch, "
               f"{steps} steps, N in {ns}", flush=True)
         gen = self.generate(lay)
@@ -470,7 +471,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-accelerators", type=int, default=8)
     ap.add_argument("--ns", default="1,2,4,8,16,32", help="the N tried, in order")
     ap.add_argument("--steps", type=int, default=0, help="steps per run (0: from --run-seconds)")
-    ap.add_argument("--run-seconds", type=float, default=3.0,
+    ap.add_argument("--run-seconds", type=float, default=6.0,
                     help="aim of compute time per run (steps = this / compute, bounded)")
     ap.add_argument("--min-steps", type=int, default=6)
     ap.add_argument("--max-steps", type=int, default=1000)

@@ -16,7 +16,8 @@ compute time per batch is ``T`` times the real one. The bandwidth one emulated a
 for is therefore ``S / T`` times what a real one asks for, and a count ``N`` here stands for about
 ``N * S / T`` real accelerators as far as bytes go (not as far as files/samples per second go:
 those are ``N / T`` times a real one's). The number of samples written is what the largest run
-needs (``max N x steps x batch``, whole files), so no sample is read twice in one run.
+needs (``max N x steps x batch``, in whole files for each accelerator), so no sample is read
+twice in one run.
 """
 from __future__ import annotations
 
@@ -114,9 +115,13 @@ class Layout:
     per_file: int
 
 
-def plan(w: Workload, scale: float, samples_needed: int) -> Layout:
+def plan(w: Workload, scale: float, ranks: int, samples_per_rank: int) -> Layout:
+    """The files for up to ``ranks`` accelerators that each read ``samples_per_rank`` samples
+    from their own files (rank ``r`` of ``n`` takes every ``n``-th file from ``r``): whole files
+    of ``per_file`` samples, so that no rank of a run with ``n <= ranks`` runs out and reads a
+    file twice (it would start its DataLoader again mid-run)."""
     size = w.sample_size(scale)
-    nfiles = -(-samples_needed // w.per_file)
+    nfiles = ranks * -(-samples_per_rank // w.per_file)
     if w.per_file == 1:
         files = [f"{w.name}/d{i // 1000:03d}/s{i:07d}.bin" for i in range(nfiles)]
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import threading
 import time
 import traceback
 
@@ -141,7 +142,6 @@ class StepBarrier:
             self._pipes[r][1].send_bytes(b"x")
 
     def wait(self, timeout: float | None = None) -> None:
-        import threading
         st = self._state
         with st.get_lock():
             if st[1]:

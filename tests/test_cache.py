@@ -817,3 +817,37 @@ def test_big_blocks_cached_with_or_without_o_direct_read_back_verified(tmp_path,
     with pytest.raises(CacheMiss):
         cache.read_into("b", len(blocks["b"]), 0, memoryview(bytearray(len(blocks["b"]))))
     cache.close()
+
+
+def test_readahead_skips_a_block_on_its_way_to_the_disk_cache(tmp_path):
+    """A block read to its end leaves the memory buffer while it waits for the cache filler; a
+    readahead that lags behind the reader and asks for it then must not download it again."""
+    from torchjuice.chunk.store import ChunkStore
+    from torchjuice.object.mem import MemStore
+    cache = DiskCache(str(tmp_path / "cache"), "uuid-ra", 64 * MiB)
+    chunks = ChunkStore(MemStore(), "v", MiB, cache=cache)
+    try:
+        data = data_of(MiB, 7)
+        key = chunks.key(1, 0, MiB)
+        chunks.store.put(key, data)
+        gate, entered = threading.Event(), threading.Event()
+        put = cache.put
+
+        def slow_put(*args, **kw):            # the filler holds the block until the gate opens
+            entered.set()
+            gate.wait(30)
+            return put(*args, **kw)
+        cache.put = slow_put
+        assert chunks.read_range_bytes(key, MiB, MiB - 10, 10) == data[-10:]   # to its end
+        assert entered.wait(30)
+        assert not chunks._in_memory(key) and not cache.contains(key)
+        gets = chunks.metrics.get_count
+        assert chunks.prefetch([(key, MiB)]) == 0
+        gate.set()
+        chunks.drain_cache_fill()
+        assert chunks.metrics.get_count == gets == 1
+        assert cache.contains(key)
+        assert chunks.prefetch([(key, MiB)]) == 0           # now from the disk cache
+        assert chunks._fill_keys == {}
+    finally:
+        chunks.close()

@@ -177,6 +177,7 @@ class ChunkStore:
         self._stop = threading.Event()
         self._fill: queue.Queue | None = None       # blocks waiting to be written to the cache
         self._fill_bytes = 0
+        self._fill_keys: dict[str, int] = {}       # blocks queued for the cache -> how many times
         self._fill_room = threading.Condition(self._lock)   # a filler wrote a block
 
     def _pool(self, kind: str) -> ThreadPoolExecutor:
@@ -508,6 +509,7 @@ class ChunkStore:
                 self.cache.skipped += 1
                 return
             self._fill_bytes += n
+            self._fill_keys[key] = self._fill_keys.get(key, 0) + 1
             self._pins[id(holder)] = self._pins.get(id(holder), 0) + 1   # not reused until written
             if self._fill is None:
                 self._fill = queue.Queue()
@@ -542,6 +544,9 @@ class ChunkStore:
         finally:
             with self._lock:
                 self._fill_bytes -= len(data)
+                left = self._fill_keys.pop(key) - 1
+                if left:
+                    self._fill_keys[key] = left
                 self._fill_room.notify_all()
             self._unpin(None, holder)
 
@@ -679,7 +684,9 @@ class ChunkStore:
                 continue
             advise = False                   # not such a store: stop asking
             with self._lock:
-                if key in self._buffer or key in self._fetching:
+                # fetched, being fetched, or on its way to the disk cache (a reader that passed
+                # the readahead may have read it to its end, out of the buffer, already)
+                if key in self._buffer or key in self._fetching or key in self._fill_keys:
                     continue
             if self.cache is not None and self.cache.contains(key):
                 continue

@@ -535,12 +535,11 @@ class ChunkStore:
 
     def _fill_one(self, key: str, data, holder) -> None:
         try:
-            # "skip" keeping up, or "wait": through the page cache (later reads copy out of it
-            # fastest); "skip" falling behind, or "direct": O_DIRECT, a fraction of the CPU (see
-            # DiskCache._write_block); later reads of such a block use O_DIRECT too
-            mode = self.cache_fill
-            self.cache.put(key, data, direct=mode == "direct" or (
-                mode == "skip" and self._fill_bytes > self.cache_fill_direct))
+            # keeping up: through the page cache (later reads copy out of it fastest); falling
+            # behind, or "direct": O_DIRECT, a fraction of the CPU (see DiskCache._write_block);
+            # later reads of such a block use O_DIRECT too
+            self.cache.put(key, data, direct=self.cache_fill == "direct" or
+                           self._fill_bytes > self.cache_fill_direct)
         finally:
             with self._lock:
                 self._fill_bytes -= len(data)

@@ -395,6 +395,9 @@ def main() -> None:
             record("shards", "local dir, webdataset", best_warm(local, local_wds), "warm")
             juice_epochs("shards", "torchjuice JuiceIterableDataset",
                          lambda: JuiceIterableDataset(f"juice://benchshards/shards/shard-{pattern}.tar"))
+            juice_epochs("shards", "torchjuice JuiceIterableDataset, cache_fill='wait'",
+                         lambda: JuiceIterableDataset(f"juice://benchshards/shards/shard-{pattern}.tar",
+                                                      cache_fill="wait"))
             juice_epochs("shards", "torchjuice JuiceIterableDataset, cache_fill='direct'",
                          lambda: JuiceIterableDataset(f"juice://benchshards/shards/shard-{pattern}.tar",
                                                       cache_fill="direct"))
@@ -466,10 +469,13 @@ def main() -> None:
                  "the local directory rows are: the files read (here the local disk cache's) "
                  "read once right before, then the best of 3 epochs (torchjuice's local disk "
                  "cache is on by default for an S3 store; its fill runs in the background at a "
-                 "low priority (nice 10); the datasets' cache_fill='auto' is 'wait' for these data "
-                 "sets (they fit in half the memory): a cold epoch waits for the fill rather "
-                 "than leave blocks uncached, through the page cache; the row marked "
-                 "cache_fill='direct' fills and reads the cache with O_DIRECT instead; the cache "
+                 "low priority (nice 10); both data sets fit in half the memory, so the datasets' "
+                 "cache_fill='auto' makes a cold epoch wait for the fill rather than leave blocks "
+                 "uncached: 'wait' for the 100 KiB files (packed, read back in pieces: through "
+                 "the page cache), 'adaptive' for the 64 MiB shards (through the page cache while "
+                 "the fill keeps up, with O_DIRECT when it falls behind; such blocks are read "
+                 "back with O_DIRECT); the rows marked cache_fill='wait' and 'direct' (always "
+                 "O_DIRECT) show the other modes on the shards; the cache "
                  "size after the cold epoch is in the JSON). s3torchconnector and webdataset have no cache. Local directory rows: from the page cache "
                  "(their files read once right before, as this VM reclaims page cache left "
                  "unused), the best of 3 runs; shuffled rows (the DataLoader's "

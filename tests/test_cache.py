@@ -187,18 +187,20 @@ def test_block_bigger_than_the_cache_is_served_uncached(setup):
     assert cache_files(vol) == [] and vol.metrics()["cache_skipped"] >= 1
 
 
-@pytest.mark.parametrize("mode", ["skip", "wait", "direct"])
+@pytest.mark.parametrize("mode", ["skip", "wait", "adaptive", "direct"])
 def test_cache_fill_behind_skips_or_waits(setup, monkeypatch, mode):
     """A slow disk under the cache: in "skip" mode (the default) blocks the filler is too far
-    behind for are not cached; in "wait" and "direct" modes the reads wait and every block is
-    cached ("direct": with O_DIRECT, and read back with O_DIRECT); either way the data is
-    right."""
+    behind for are not cached; in the "wait", "adaptive" and "direct" modes the reads wait and
+    every block is cached ("direct": with O_DIRECT, and read back with O_DIRECT; "adaptive":
+    with O_DIRECT while the filler is behind; "wait": through the page cache); either way the
+    data is right."""
     import torchjuice.chunk.disk as disk
     _, client, _ = setup
     data = data_of(12 * MiB, 6)
     client(cache=None).write_bytes("/f", data)
     vol = client()
     vol.chunks.cache_fill_buffer = 2 * MiB                # two blocks behind at most
+    vol.chunks.cache_fill_direct = MiB                    # O_DIRECT when more than one behind
     assert vol.cache_fill == "skip"
     vol.cache_fill = mode
     real_put = disk.DiskCache.put
@@ -218,13 +220,32 @@ def test_cache_fill_behind_skips_or_waits(setup, monkeypatch, mode):
         gets, corrupt = vol.metrics()["get_count"], vol.metrics()["cache_corrupt"]
         assert vol.read_bytes("/f") == data
         assert vol.metrics()["get_count"] == gets and vol.metrics()["cache_corrupt"] == corrupt
-        # "wait" filled the page cache, so its blocks are read from memory; "direct" did not
-        assert (vol.metrics()["cache_direct_reads"] == 12) == (mode == "direct")
+        # "direct" wrote every block with O_DIRECT, so they are read back so; "adaptive" those
+        # it was behind for (the first block found the filler idle: page cache); "wait" none
+        direct = vol.metrics()["cache_direct_reads"]
+        assert {"direct": direct == 12, "adaptive": 0 < direct < 12, "wait": direct == 0}[mode]
     with pytest.raises(ValueError):
         vol.cache_fill = "sometimes"
 
 
-@pytest.mark.parametrize("mode", ["wait", "direct"])
+def test_cache_fill_adaptive_keeping_up_fills_the_page_cache(setup):
+    """"adaptive" with a filler that keeps up writes through the page cache: a second read
+    comes from memory, none of it with O_DIRECT."""
+    _, client, _ = setup
+    data = data_of(8 * MiB, 8)
+    client(cache=None).write_bytes("/f", data)
+    vol = client()
+    vol.cache_fill = "adaptive"
+    assert vol.chunks.cache_fill_direct > len(data)      # so the filler is never behind
+    assert vol.read_bytes("/f") == data
+    vol.chunks.drain_cache_fill()
+    gets = vol.metrics()["get_count"]
+    assert vol.read_bytes("/f") == data
+    m = vol.metrics()
+    assert m["get_count"] == gets and m["cache_direct_reads"] == 0 and m["cache_skipped"] == 0
+
+
+@pytest.mark.parametrize("mode", ["wait", "adaptive", "direct"])
 def test_a_waiting_read_writes_queued_blocks_itself(setup, monkeypatch, mode):
     """The filler runs at a low priority; on a busy machine it gets no CPU. A read waiting for
     room in the fill queue does not inherit that: it writes the queued blocks itself, so the

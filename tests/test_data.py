@@ -302,9 +302,10 @@ def test_workers_keep_their_heap_between_batches(vol, monkeypatch):
 
 
 def test_cache_fill_follows_the_data_set_size(vol, monkeypatch):
-    """"auto": "wait" (fill through the page cache) for a data set that fits in half the memory,
-    "direct" for a larger one, in the dataset and in its pickled copies (workers); a mode can be
-    given; a wrong one is an error."""
+    """"auto": for a data set that fits in half the memory, "wait" (fill through the page cache)
+    for small files, "adaptive" for files of BIG_FILE bytes and more on average; "direct" for a
+    larger data set; in the dataset and in its pickled copies (workers); a mode can be given; a
+    wrong one is an error."""
     import torchjuice.data as data_mod
     vol.makedirs("/f")
     for i in range(4):
@@ -312,6 +313,14 @@ def test_cache_fill_follows_the_data_set_size(vol, monkeypatch):
     write_shards(vol, 2, 3)
     assert JuiceDataset(f"juice://{VOL}/f")._vols.cache_fill == "wait"
     assert JuiceIterableDataset(f"juice://{VOL}/shards")._vols.cache_fill == "wait"
+    monkeypatch.setattr(data_mod, "BIG_FILE", 1000)                  # files of 1000 B are big
+    ds = JuiceDataset(f"juice://{VOL}/f")
+    assert ds._vols.cache_fill == "adaptive"
+    assert pickle.loads(pickle.dumps(ds))._vols.get(VOL).cache_fill == "adaptive"
+    assert JuiceIterableDataset(f"juice://{VOL}/shards")._vols.cache_fill == "adaptive"
+    vol.write_bytes("/f/small", b"x")                   # the average falls under 1000 bytes
+    assert JuiceDataset(f"juice://{VOL}/f")._vols.cache_fill == "wait"
+    vol.remove("/f/small")
     monkeypatch.setattr(data_mod, "_memory_bytes", lambda: 7000)     # a 3.5 KB page cache
     ds = JuiceDataset(f"juice://{VOL}/f")
     assert ds._vols.cache_fill == "direct"

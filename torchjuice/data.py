@@ -57,6 +57,10 @@ INLINE_MAX = 32           # once that group was fast, this many per transaction 
 # blocks of the files this worker reads next are fetched in the background, this far ahead
 READAHEAD_BYTES = 32 * MiB
 READAHEAD_FILES = 256     # paths resolved per step of it (one metadata transaction)
+# cache_fill="auto": files this big on average (tar shards, large arrays) are read in whole
+# blocks, which a block cached with O_DIRECT serves from the disk as fast; smaller ones are
+# packed several to a block and read back in pieces, which want the page cache
+BIG_FILE = 4 * MiB
 
 
 # -- error handlers (the webdataset convention: return True to go on, False to stop, or raise) -----
@@ -197,15 +201,23 @@ class _Volumes:
     def __setstate__(self, state):
         self.__init__(state["meta"], state.get("resolved"), state.get("cache_fill", "wait"))
 
-    def set_fill(self, mode: str, total_bytes: int) -> None:
-        """The cache-fill mode for a data set of ``total_bytes`` (-1: unknown): ``"auto"`` is
-        ``"direct"`` when the data set is larger than half of this machine's memory (the page
-        cache cannot keep it from one epoch to the next), else ``"wait"``."""
+    def set_fill(self, mode: str, total_bytes: int, files: int = 0) -> None:
+        """The cache-fill mode for a data set of ``total_bytes`` (-1: unknown) in ``files`` files:
+        ``"auto"`` is ``"direct"`` when the data set is larger than half of this machine's memory
+        (the page cache cannot keep it from one epoch to the next); else ``"adaptive"`` for files
+        of BIG_FILE bytes and more on average (read in whole blocks, which the next epoch reads
+        back from the disk at its speed when the fill had to bypass the page cache), else
+        ``"wait"`` (small files packed in blocks: read back in small pieces, from memory)."""
         if mode != "auto" and mode not in CACHE_FILL_MODES:
             raise ValueError(f"cache_fill must be auto or one of {', '.join(CACHE_FILL_MODES)}, "
                              f"not {mode!r}")
         if mode == "auto":
-            mode = "direct" if total_bytes > _memory_bytes() // 2 else "wait"
+            if total_bytes > _memory_bytes() // 2:
+                mode = "direct"
+            elif files and total_bytes >= BIG_FILE * files:
+                mode = "adaptive"
+            else:
+                mode = "wait"
         self.cache_fill = mode
 
     def resolve(self, name: str) -> str:
@@ -434,9 +446,9 @@ class JuiceDataset(Dataset):
     (``Volume.read_listed``); a file changed since is read by path, as it is now.
 
     ``cache_fill`` (``"auto"``): how reads fill the local disk cache (see ``Volume.cache_fill``):
-    ``"wait"`` (every block cached, through the page cache, so the next epoch reads memory) for a
-    data set that fits in half of this machine's memory, ``"direct"`` (``O_DIRECT``: no page cache
-    to fill and evict) for a larger one; or give the mode.
+    ``"wait"`` (every block cached; through the page cache, so the next epoch reads memory, while
+    the fill keeps up) for a data set that fits in half of this machine's memory, ``"direct"``
+    (``O_DIRECT``: no page cache to fill and evict) for a larger one; or give the mode.
     """
 
     def __init__(self, url_or_list, transform: Callable | None = None, *, with_url: bool = False,
@@ -465,7 +477,7 @@ class JuiceDataset(Dataset):
                     raise ValueError(f"no files under {url_or_list}")
                 self.urls = UrlIndex((u for u, _ in files), (s for _, s in files))
                 self._vols.resolve(split_url(url_or_list)[0])
-                self._vols.set_fill(cache_fill, self.urls.total_size)
+                self._vols.set_fill(cache_fill, self.urls.total_size, len(self.urls))
                 return
         else:
             urls = [_check_url(u) for u in url_or_list]
@@ -607,7 +619,7 @@ class JuiceDataset(Dataset):
         ds = cls(None, transform, meta=meta, **kwargs)
         ds.urls = UrlIndex((_check_url(u) for u, _ in files), (int(s) for _, s in files))
         ds._resolve_names()
-        ds._vols.set_fill(kwargs.get("cache_fill", "auto"), ds.urls.total_size)
+        ds._vols.set_fill(kwargs.get("cache_fill", "auto"), ds.urls.total_size, len(ds.urls))
         return ds
 
 
@@ -1169,7 +1181,8 @@ class JuiceIterableDataset(IterableDataset):
         self._vols = _Volumes(meta)
         self._vols.set_fill(cache_fill, -1)             # checked now; sized below
         self.shards, self._listed = _resolve_shards(urls, self._vols, handler)
-        self._vols.set_fill(cache_fill, sum(max(0, n) for _, n in self.shards))
+        sizes = [n for _, n in self.shards if n >= 0]
+        self._vols.set_fill(cache_fill, sum(sizes), len(sizes))
         self._fingerprint = zlib.crc32("\n".join(u for u, _ in self.shards).encode())
         # epoch, resume and "read by workers" live in shared memory: a set_epoch or a
         # load_state_dict in the main process reaches persistent workers

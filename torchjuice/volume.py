@@ -36,7 +36,7 @@ from .vfs.writer import PackWriter
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 BUFFER_SIZE = 1 << 20       # the io.Buffered* buffer: small reads and writes are batched this far
-CACHE_FILL_MODES = ("skip", "wait", "direct")        # see Volume.cache_fill
+CACHE_FILL_MODES = ("skip", "wait", "adaptive", "direct")        # see Volume.cache_fill
 WRITE_MANY_BATCH = 64       # write_many: files made new per metadata transaction (held in memory)
 
 
@@ -966,11 +966,16 @@ class Volume:
         ``"wait"``: the read waits for room instead (5 s at most), so a pass that will be read
         again, such as a DataLoader's epochs, runs at the speed the cache fills and leaves it
         whole; blocks go through the page cache (the next pass reads them from memory).
+        ``"adaptive"``: waits as ``"wait"``; blocks go through the page cache while the filler
+        keeps up and with ``O_DIRECT`` once it is a quarter of its buffer behind, as in
+        ``"skip"`` (on a busy machine, new page-cache memory can cost more CPU than the read
+        itself) -- for large files read in whole blocks, which are read back from the disk at
+        its speed; packed small files want ``"wait"``.
         ``"direct"``: as ``"wait"``, but blocks are written with ``O_DIRECT`` -- for data sets
         larger than the page cache, where filling it only evicts what the next epoch would have
         wanted (and costs CPU). In every mode, a whole cached block that is not in the page
-        cache is read with ``O_DIRECT``. The datasets pick ``"wait"`` or ``"direct"`` (see
-        ``JuiceDataset``)."""
+        cache is read with ``O_DIRECT``. The datasets pick ``"wait"``, ``"adaptive"`` or
+        ``"direct"`` (see ``JuiceDataset``)."""
         return self.chunks.cache_fill
 
     @cache_fill.setter

@@ -146,10 +146,12 @@ class ChunkStore:
         self.cache_fill_buffer = cache_fill_buffer
         self.cache_fill_direct = cache_fill_buffer // 4
         # what a read does when the filler is `cache_fill_buffer` behind: "skip" (the block is not
-        # cached this time; a single pass is not slowed) or "wait"/"direct" (for room, at most
-        # FILL_WAIT_MAX seconds: a pass that will be read again -- a DataLoader's epochs -- runs
-        # at the speed the cache fills and leaves it whole); "wait" writes blocks through the
-        # page cache, "direct" with O_DIRECT (see Volume.cache_fill)
+        # cached this time; a single pass is not slowed) or "wait"/"adaptive"/"direct" (for
+        # room, at most FILL_WAIT_MAX seconds: a pass that will be read again -- a DataLoader's
+        # epochs -- runs at the speed the cache fills and leaves it whole); how blocks are
+        # written: "wait" through the page cache, "direct" with O_DIRECT, "skip" and "adaptive"
+        # through the page cache while the filler keeps up and with O_DIRECT once it is
+        # `cache_fill_direct` behind (see Volume.cache_fill)
         self.cache_fill = "skip"
         if writeback and cache is None:
             raise ValueError("write-back needs a disk cache (cache_dir)")
@@ -535,11 +537,13 @@ class ChunkStore:
 
     def _fill_one(self, key: str, data, holder) -> None:
         try:
-            # keeping up: through the page cache (later reads copy out of it fastest); falling
-            # behind, or "direct": O_DIRECT, a fraction of the CPU (see DiskCache._write_block);
-            # later reads of such a block use O_DIRECT too
-            self.cache.put(key, data, direct=self.cache_fill == "direct" or
-                           self._fill_bytes > self.cache_fill_direct)
+            # "wait", or "skip"/"adaptive" keeping up: through the page cache (later reads copy
+            # out of it fastest); "skip"/"adaptive" falling behind, or "direct": O_DIRECT, a
+            # fraction of the CPU (see DiskCache._write_block); later whole-block reads of such
+            # a block use O_DIRECT too
+            mode = self.cache_fill
+            self.cache.put(key, data, direct=mode == "direct" or (
+                mode != "wait" and self._fill_bytes > self.cache_fill_direct))
         finally:
             with self._lock:
                 self._fill_bytes -= len(data)

@@ -446,9 +446,11 @@ class JuiceDataset(Dataset):
     (``Volume.read_listed``); a file changed since is read by path, as it is now.
 
     ``cache_fill`` (``"auto"``): how reads fill the local disk cache (see ``Volume.cache_fill``):
-    ``"wait"`` (every block cached; through the page cache, so the next epoch reads memory, while
-    the fill keeps up) for a data set that fits in half of this machine's memory, ``"direct"``
-    (``O_DIRECT``: no page cache to fill and evict) for a larger one; or give the mode.
+    for a data set that fits in half of this machine's memory, ``"wait"`` (every block cached,
+    through the page cache, so the next epoch reads memory) for files under ``BIG_FILE`` (4 MiB) on
+    average, ``"adaptive"`` (through the page cache while the fill keeps up, with ``O_DIRECT`` when
+    it falls behind) for larger ones; ``"direct"`` (``O_DIRECT``: no page cache to fill and evict)
+    for a larger data set; or give the mode.
     """
 
     def __init__(self, url_or_list, transform: Callable | None = None, *, with_url: bool = False,
@@ -1154,7 +1156,7 @@ class JuiceIterableDataset(IterableDataset):
     than ``read_size``, 8 for small files), up to ``prefetch_bytes`` in flight, shards in windows of
     ``read_size`` — the next shard is fetched while this one is parsed. ``cache_fill``: as for
     :class:`JuiceDataset` (``"auto"``: ``"direct"`` when the shards are larger than half of this
-    machine's memory).
+    machine's memory, else ``"adaptive"`` for shards of 4 MiB and more on average).
     """
 
     def __init__(self, urls, shuffle: bool = False, seed: int = 0, rank: int | None = None,

@@ -477,7 +477,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-steps", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers per accelerator")
     ap.add_argument("--prefetch", type=int, default=2, help="DataLoader prefetch_factor")
-    ap.add_argument("--cache-fill", choices=["auto", "wait", "adaptive", "direct", "skip"], default="direct",
+    ap.add_argument("--cache-fill", choices=["auto", "wait", "adaptive", "direct", "skip"],
+                    default="direct",
                     help="torchjuice datasets' cache_fill (default direct: what 'auto' picks for "
                          "a data set larger than memory, as MLPerf Storage's are; the scaled "
                          "data here fits, and 'auto' would fill the page cache)")

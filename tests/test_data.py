@@ -767,6 +767,20 @@ def test_webdataset_juice_urls(vol):
     assert [s["txt"] for s in wds.WebDataset(f"juice://{VOL}/out.tar", shardshuffle=False)] == [b"hello"]
 
 
+def test_webdataset_shards_fill_the_cache_as_the_datasets_do(vol, monkeypatch):
+    """A juice:// shard read by webdataset sets the fill the datasets' "auto" picks for it:
+    "wait" under BIG_FILE, "adaptive" from it on."""
+    import torchjuice.data as data_mod
+    from torchjuice.webdataset import ShardReader
+    write_shards(vol, 1, 4, size=5000)
+    url = f"juice://{VOL}/shards/000.tar"
+    with ShardReader(url) as r:
+        assert r.read(512) and tj.volume_for(VOL).cache_fill == "wait"
+    monkeypatch.setattr(data_mod, "BIG_FILE", 1000)
+    with ShardReader(url) as r:
+        assert r.read(512) and tj.volume_for(VOL).cache_fill == "adaptive"
+
+
 def test_fork_while_the_cache_lock_is_held(tmp_path):
     """A DataLoader forks its workers while the parent's threads use the volume: a child must not
     inherit the disk cache's lock (it would keep every process out of the cache for good)."""

@@ -39,6 +39,10 @@ class ShardReader(io.RawIOBase):
         if attr.is_dir:
             raise IsADirectoryError(21, "Is a directory", url)
         size = attr.length
+        # the datasets' cache_fill="auto" for this shard ("adaptive" from BIG_FILE on, so a cold
+        # pass is not slowed by the page cache's growth; see JuiceIterableDataset)
+        vols.set_fill("auto", size, 1)
+        vol.cache_fill = vols.cache_fill
         units, off = [], 0
         while off + read_size < size:
             units.append(_Unit(0, url, off, read_size, False))

@@ -317,7 +317,9 @@ def test_cache_fill_follows_the_data_set_size(vol, monkeypatch):
     ds = JuiceDataset(f"juice://{VOL}/f")
     assert ds._vols.cache_fill == "adaptive"
     assert pickle.loads(pickle.dumps(ds))._vols.get(VOL).cache_fill == "adaptive"
-    assert JuiceIterableDataset(f"juice://{VOL}/shards")._vols.cache_fill == "adaptive"
+    it = JuiceIterableDataset(f"juice://{VOL}/shards")
+    # the volume the shards were sized through in this process (iterated without workers) too
+    assert it._vols.cache_fill == "adaptive" and it._vols.get(VOL).cache_fill == "adaptive"
     vol.write_bytes("/f/small", b"x")                   # the average falls under 1000 bytes
     assert JuiceDataset(f"juice://{VOL}/f")._vols.cache_fill == "wait"
     vol.remove("/f/small")

@@ -207,7 +207,8 @@ class _Volumes:
         (the page cache cannot keep it from one epoch to the next); else ``"adaptive"`` for files
         of BIG_FILE bytes and more on average (read in whole blocks, which the next epoch reads
         back from the disk at its speed when the fill had to bypass the page cache), else
-        ``"wait"`` (small files packed in blocks: read back in small pieces, from memory)."""
+        ``"wait"`` (small files packed in blocks: read back in small pieces, from memory). The
+        volumes this process holds already take the mode too (sizing a data set connects them)."""
         if mode != "auto" and mode not in CACHE_FILL_MODES:
             raise ValueError(f"cache_fill must be auto or one of {', '.join(CACHE_FILL_MODES)}, "
                              f"not {mode!r}")
@@ -219,6 +220,9 @@ class _Volumes:
             else:
                 mode = "wait"
         self.cache_fill = mode
+        if self._pid == os.getpid():
+            for vol in self._vols.values():
+                vol.cache_fill = mode
 
     def resolve(self, name: str) -> str:
         """The engine URL of a volume name, looked up once (then pickled along)."""

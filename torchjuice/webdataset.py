@@ -42,7 +42,6 @@ class ShardReader(io.RawIOBase):
         # the datasets' cache_fill="auto" for this shard ("adaptive" from BIG_FILE on, so a cold
         # pass is not slowed by the page cache's growth; see JuiceIterableDataset)
         vols.set_fill("auto", size, 1)
-        vol.cache_fill = vols.cache_fill
         units, off = [], 0
         while off + read_size < size:
             units.append(_Unit(0, url, off, read_size, False))
